@@ -1,0 +1,1 @@
+"""Performance harness: timings, memory, roofline."""

@@ -1,0 +1,244 @@
+"""The config schema (one dataclass per Hydra group), its validation, and the canonical config hash.
+
+Defaults live here, in the dataclasses; the YAML presets under conf/ only set what differs.
+Validation raises ConfigError with one line that names the field and the allowed values.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from kvexp.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # A Hub id, a local HF checkpoint dir, or "builtin:<name>" (created offline on first use).
+    path: str = "builtin:tiny"
+    revision: Optional[str] = None
+    # Activation/compute dtype; auto = bfloat16 on CUDA with bf16, float16 on older CUDA, float32 on CPU.
+    dtype: str = "auto"
+
+
+@dataclass
+class WeightQuantConfig:
+    dtype: str = "auto"  # auto (the model dtype, unquantized) | int4 | fp8
+    algo: str = "none"  # none | awq | rtn
+    group_size: int = 128
+
+
+@dataclass
+class KVQuantConfig:
+    dtype: str = "auto"  # auto (the model dtype) | int8 | fp8 | int4
+    scale: str = "dynamic"  # dynamic (computed at write) | static (calibrated once)
+    granularity: str = "token"  # token (per token and head) | head | tensor
+
+
+@dataclass
+class CalibConfig:
+    # "builtin" (text shipped with kvexp, offline), "cnn_dailymail", "wikitext", or a local .txt/.jsonl path.
+    dataset: str = "cnn_dailymail"
+    num_samples: int = 128
+    seq_len: int = 512
+
+
+@dataclass
+class QuantConfig:
+    name: str = "fp16"
+    weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    kv_cache: KVQuantConfig = field(default_factory=KVQuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+
+
+@dataclass
+class ContextConfig:
+    name: str = "short"
+    prompt_len: int = 512  # tokens of prompt for the fidelity prompts and the benchmark
+    gen_len: int = 128  # tokens generated after it
+
+
+@dataclass
+class FidelityConfig:
+    enabled: bool = True
+    num_prompts: int = 4
+    score_tokens: int = 32  # teacher-forced positions scored against the fp16 reference
+    gen_tokens: int = 32  # greedy tokens compared with the fp16 reference
+
+
+@dataclass
+class EvalConfig:
+    name: str = "none"
+    tasks: list = field(default_factory=list)
+    limit: Optional[int] = None
+    num_fewshot: int = 0
+    batch_size: int = 8
+    # Score continuations by decoding them against the (quantized) cache; auto = on when the KV cache is
+    # quantized. One-pass scoring never reads the cache, so it hides KV quantization (DESIGN.md).
+    kv_faithful: str = "auto"  # auto | on | off
+    seed: int = 1234
+    fidelity: FidelityConfig = field(default_factory=FidelityConfig)
+
+
+@dataclass
+class BenchConfig:
+    name: str = "default"
+    enabled: bool = True
+    batch_size: int = 1
+    warmup: int = 2
+    iters: int = 5
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: sqlite:///<cwd>/mlruns/mlflow.db
+    experiment: str = "kvexp"
+
+
+@dataclass
+class KvexpConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    # Engine options are owned by each engine (its Options dataclass); validated by validate().
+    engine: Any = field(default_factory=lambda: {"name": "torch"})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    force: bool = False  # re-run even if a FINISHED run with this config hash exists
+    cache_dir: Optional[str] = None  # None: $KVEXP_CACHE_DIR or ~/.cache/kvexp
+
+
+# Keys that do not change results: where things are written and labels.
+HASH_EXCLUDE = (
+    "tracking", "force", "cache_dir", "engine.dry_run",
+    "model.name", "quant.name", "context.name", "eval.name", "bench.name",
+)
+
+CHOICES = {
+    "model.dtype": ("auto", "float32", "float16", "bfloat16"),
+    "quant.weights.dtype": ("auto", "int4", "fp8"),
+    "quant.weights.algo": ("none", "awq", "rtn"),
+    "quant.kv_cache.dtype": ("auto", "int8", "fp8", "int4"),
+    "quant.kv_cache.scale": ("dynamic", "static"),
+    "quant.kv_cache.granularity": ("token", "head", "tensor"),
+    "eval.kv_faithful": ("auto", "on", "off"),
+}
+POSITIVE = (
+    "context.prompt_len", "context.gen_len", "quant.weights.group_size", "quant.calib.num_samples",
+    "quant.calib.seq_len", "eval.batch_size", "eval.fidelity.num_prompts", "eval.fidelity.score_tokens",
+    "eval.fidelity.gen_tokens", "bench.batch_size", "bench.iters",
+)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A validated run: the typed config plus the engine's typed options and the config hash."""
+    cfg: KvexpConfig
+    engine_options: Any
+    config_hash: str
+
+    @property
+    def kv_quantized(self) -> bool:
+        return self.cfg.quant.kv_cache.dtype != "auto"
+
+    @property
+    def kv_faithful(self) -> bool:
+        mode = self.cfg.eval.kv_faithful
+        return self.kv_quantized if mode == "auto" else mode == "on"
+
+    @property
+    def cache_dir(self) -> Path:
+        return resolve_cache_dir(self.cfg.cache_dir)
+
+
+def resolve_cache_dir(value: Optional[str]) -> Path:
+    root = value or os.environ.get("KVEXP_CACHE_DIR") or "~/.cache/kvexp"
+    return Path(root).expanduser().resolve()
+
+
+def _get(container: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        container = container[part]
+    return container
+
+
+def canonical(cfg: DictConfig | dict) -> dict:
+    """The resolved config as plain data, without the keys that do not change results."""
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
+    for dotted in HASH_EXCLUDE:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return data
+
+
+def config_hash(cfg: DictConfig | dict) -> str:
+    """sha256 of the canonical config: key order, CLI order and experiment files do not change it."""
+    blob = json.dumps(canonical(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def validate(cfg: DictConfig) -> RunSpec:
+    """Check every user-facing value before anything is downloaded or built."""
+    from kvexp.engines import engine_class  # engines register their options and capabilities
+
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key, allowed in CHOICES.items():
+        if _get(data, key) not in allowed:
+            raise ConfigError(f"{key}={_get(data, key)}: not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        value = _get(data, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{key}={value}: must be a positive integer")
+    if data["bench"]["warmup"] < 0:
+        raise ConfigError(f"bench.warmup={data['bench']['warmup']}: must be >= 0")
+    if data["eval"]["limit"] is not None and data["eval"]["limit"] <= 0:
+        raise ConfigError(f"eval.limit={data['eval']['limit']}: must be a positive integer or null")
+    _validate_quant(data["quant"])
+
+    engine_cfg = dict(data["engine"])
+    cls = engine_class(engine_cfg.get("name"))
+    options = cls.parse_options(engine_cfg)
+    typed: KvexpConfig = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
+    spec = RunSpec(cfg=typed, engine_options=options, config_hash=config_hash(cfg))
+    cls.check_supported(spec)
+    from kvexp.checkpoint import check_model  # local paths and cached Hub configs only: no download
+
+    check_model(spec)
+    return spec
+
+
+def _validate_quant(q: dict) -> None:
+    w, kv = q["weights"], q["kv_cache"]
+    if (w["dtype"] == "int4") != (w["algo"] in ("awq", "rtn")):
+        raise ConfigError(
+            f"quant.weights: dtype={w['dtype']} with algo={w['algo']}: int4 weights need algo awq or rtn, "
+            "and awq/rtn need dtype int4")
+    if kv["scale"] == "dynamic" and kv["granularity"] != "token":
+        raise ConfigError(
+            f"quant.kv_cache.granularity={kv['granularity']}: dynamic scales are per token; "
+            "use granularity=token, or scale=static for head/tensor scales")
+    if kv["scale"] == "static" and kv["granularity"] == "token":
+        raise ConfigError("quant.kv_cache.granularity=token: static scales are per head or per tensor; "
+                          "use granularity=head|tensor, or scale=dynamic")
+
+
+def register_schema() -> None:
+    """Make the dataclass schema the base of conf/config.yaml (its defaults list names kvexp_schema)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="kvexp_schema", node=KvexpConfig)
+
+
+register_schema()

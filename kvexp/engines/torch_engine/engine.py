@@ -1,0 +1,242 @@
+"""kvexp's own engine: the compact model, a static (optionally quantized) KV cache, batched greedy decoding
+(CUDA-graph captured on GPUs) and teacher-forced scoring. Runs on CPU, T4 and any CUDA GPU."""
+from __future__ import annotations
+
+import gc
+import resource
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from kvexp.checkpoint import check_context, read_model_config, resolve_model
+from kvexp.engines.base import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
+from kvexp.engines.torch_engine.decode import DecodeLoop
+from kvexp.engines.torch_engine.model import ArchConfig, CausalLM, load_state
+from kvexp.errors import ConfigError, UnsupportedConfig
+from kvexp.quant.int4 import Int4Linear
+from kvexp.quant.kv import FORMATS, KVCache, QuantizedKVCache
+
+DEVICE_HELP = "engine.device={}: no CUDA GPU is visible here; use engine.device=auto or cpu"
+
+
+@dataclass
+class TorchOptions:
+    name: str
+    device: str  # auto | cpu | cuda | cuda:N
+    attention: str  # auto | triton | torch
+    cuda_graphs: bool
+
+    def __post_init__(self):
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"engine.device={self.device}: not one of auto, cpu, cuda, cuda:N")
+        if self.attention not in ("auto", "triton", "torch"):
+            raise ConfigError(f"engine.attention={self.attention}: not one of auto, triton, torch")
+
+
+def resolve_device(opt: TorchOptions) -> torch.device:
+    if opt.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if opt.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnsupportedConfig(DEVICE_HELP.format(opt.device))
+    return torch.device(opt.device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type != "cuda":
+        return torch.float32  # CPU half-precision matmuls are slow and not what anyone deploys
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+class TorchEngine(Engine):
+    name = "torch"
+    capabilities = Capabilities(
+        devices=frozenset({"cpu", "cuda"}),
+        weight_modes=frozenset({("auto", "none"), ("int4", "awq"), ("int4", "rtn")}),
+        kv_dtypes=frozenset({"auto", "int8", "fp8", "int4"}),
+        kv_scales=frozenset({("dynamic", "token"), ("static", "head"), ("static", "tensor")}),
+    )
+    Options = TorchOptions
+
+    @classmethod
+    def check_supported(cls, spec) -> None:
+        super().check_supported(spec)
+        device = resolve_device(spec.engine_options)
+        if spec.engine_options.attention == "triton":
+            from kvexp.kernels import triton_available
+
+            if device.type != "cuda" or not triton_available():
+                raise UnsupportedConfig("engine.attention=triton: needs a CUDA GPU and triton; use engine.attention=auto")
+            if spec.cfg.quant.kv_cache.dtype == "int4":
+                raise UnsupportedConfig("engine.attention=triton: the Triton kernel reads fp16/bf16, int8 and fp8 "
+                                        "caches; int4 KV runs with engine.attention=auto|torch")
+
+    # ---- build ----
+    def build(self) -> BuildInfo:
+        start = time.perf_counter()
+        self.device = resolve_device(self.options)
+        self.dtype = resolve_dtype(self.spec.cfg.model.dtype, self.device)
+        self.model_dir = resolve_model(self.spec)
+        self.arch = ArchConfig.from_hf(read_model_config(self.model_dir))
+        check_context(self.spec, self.arch.max_positions)
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        with torch.device("meta"):
+            model = CausalLM(self.arch)
+        load_state(model, sorted(self.model_dir.glob("*.safetensors")), self.dtype, self.device)
+        self.model = model.eval()
+        metrics = self._quantize_weights()
+        self.kv_scales = None
+        kv = self.spec.cfg.quant.kv_cache
+        if kv.dtype != "auto" and kv.scale == "static":
+            from kvexp.quant.kv_calib import static_kv_scales
+
+            self.kv_scales = static_kv_scales(self.spec, self.model, self._tokenizer, self.device)
+        self.model.decode_attn = self._decode_attention()
+        self._loop: DecodeLoop | None = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return BuildInfo(build_s=time.perf_counter() - start, metrics=metrics)
+
+    def _quantize_weights(self) -> dict:
+        w = self.spec.cfg.quant.weights
+        if w.dtype != "int4":
+            return {}
+        from kvexp.quant.weights import int4_weights, swap_int4
+
+        path, seconds = int4_weights(self.spec, self.model_dir, self._tokenizer, self.device)
+        swapped = swap_int4(self.model, path, w.group_size, self.dtype, self.device)
+        fast = sum(m.prepare_tinygemm() for m in self.model.modules() if isinstance(m, Int4Linear))
+        return {"quant.calib_s": seconds, "quant.int4_layers": swapped, "quant.int4_fast_layers": fast}
+
+    def _decode_attention(self):
+        """The fused Triton kernel on CUDA for the formats it reads; None = the PyTorch reference path."""
+        fmt = self.spec.cfg.quant.kv_cache.dtype
+        if self.options.attention == "torch" or self.device.type != "cuda" or fmt == "int4":
+            return None
+        from kvexp.kernels import triton_available
+
+        if not triton_available():
+            return None
+        from kvexp.kernels.decode_attention import decode_attention
+
+        sm_scale = self.arch.head_dim ** -0.5
+        name = "dense" if fmt == "auto" else fmt
+
+        def attend(q, cache, layer, lengths):
+            scales = (cache.k_scale[layer], cache.v_scale[layer]) if name != "dense" else (None, None)
+            return decode_attention(q, cache.k[layer], cache.v[layer], *scales, lengths, sm_scale, name)
+
+        return attend
+
+    # ---- properties ----
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.arch.max_positions
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        a, kv = self.arch, self.spec.cfg.quant.kv_cache
+        args = (a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
+        if kv.dtype == "auto":
+            return KVCache(*args)
+        return QuantizedKVCache(*args, fmt=FORMATS[kv.dtype], static_scales=self.kv_scales)
+
+    def _padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded [B, max_len] tokens and [B] lengths (causal attention never sees the padding)."""
+        lens = torch.tensor([len(s) for s in seqs])
+        if (lens == 0).any():
+            raise ValueError("empty token sequence: every prompt/context needs at least one token")
+        tokens = torch.zeros(len(seqs), int(lens.max()), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s)] = torch.as_tensor(list(s))
+        return tokens.to(self.device), lens.to(self.device)
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # ---- generation ----
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Generations:
+        tokens, lens = self._padded(prompts)
+        total = int(lens.max()) + max_new_tokens
+        if total > self.max_seq_len:
+            raise ValueError(f"prompt + {max_new_tokens} new tokens = {total} > the model's {self.max_seq_len}")
+        loop = self._decode_loop(len(prompts), total)
+        t0 = self._sync()
+        zeros = torch.zeros_like(lens)
+        hidden = self.model(tokens, zeros, loop.cache, "prefill")
+        last = hidden[torch.arange(len(prompts), device=self.device), lens - 1]
+        first = self.model.logits(last).argmax(-1)
+        t1 = self._sync()
+        out = loop.run(first, lens, max_new_tokens - 1)
+        t2 = self._sync()
+        return Generations(tokens=out.tolist(), prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=max_new_tokens - 1)
+
+    def _decode_loop(self, batch: int, max_len: int) -> DecodeLoop:
+        """One cache (and captured graph) reused while the shape repeats: benchmarks call generate many times."""
+        if self._loop is None or not self._loop.fits(batch, max_len):
+            self._loop = None
+            gc.collect()
+            graphs = self.options.cuda_graphs and self.device.type == "cuda"
+            self._loop = DecodeLoop(self.model, self.new_cache(batch, max_len), graphs)
+        return self._loop
+
+    # ---- scoring ----
+    @torch.inference_mode()
+    def continuation_logprobs(self, requests: Sequence[Request], *, kv_faithful: bool) -> list[torch.Tensor]:
+        bs = self.spec.cfg.eval.batch_size
+        out: list[torch.Tensor] = []
+        for i in range(0, len(requests), bs):
+            chunk = requests[i:i + bs]
+            out.extend(self._score_faithful(chunk) if kv_faithful else self._score_one_pass(chunk))
+        return out
+
+    def _score_one_pass(self, chunk: Sequence[Request]) -> list[torch.Tensor]:
+        tokens, _ = self._padded([list(c) + list(x) for c, x in chunk])
+        hidden = self.model(tokens, torch.zeros(len(chunk), dtype=torch.long, device=self.device))
+        return [self.model.logits(hidden[b, len(c) - 1: len(c) + len(x) - 1]).log_softmax(-1).cpu()
+                for b, (c, x) in enumerate(chunk)]
+
+    def _score_faithful(self, chunk: Sequence[Request]) -> list[torch.Tensor]:
+        """Prefill contexts into the cache, then extend with the continuations (minus their last token), so every
+        continuation position after the first reads K/V back from the (quantized) cache, as decode does."""
+        ctx, ctx_lens = self._padded([c for c, _ in chunk])
+        cache = self.new_cache(len(chunk), max(len(c) + len(x) for c, x in chunk))
+        hidden = self.model(ctx, torch.zeros_like(ctx_lens), cache, "prefill")
+        first = hidden[torch.arange(len(chunk), device=self.device), ctx_lens - 1]  # predicts cont[0]
+        rest = None
+        if max(len(x) for _, x in chunk) > 1:
+            ext, _ = self._padded([list(x)[:-1] or [0] for _, x in chunk])
+            rest = self.model(ext, ctx_lens, cache, "extend")
+        out = []
+        for b, (_, x) in enumerate(chunk):
+            h = first[b:b + 1] if rest is None else torch.cat((first[b:b + 1], rest[b, : len(x) - 1]))
+            out.append(self.model.logits(h).log_softmax(-1).cpu())
+        return out
+
+    # ---- memory ----
+    def memory(self) -> MemoryReport:
+        tensors = [t for t in list(self.model.parameters()) + list(self.model.buffers()) if t is not self.model.inv_freq]
+        probe = self.new_cache(1, 16)  # bytes/token are measured from real cache tensors, not assumed
+        peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return MemoryReport(weight_bytes=sum(t.numel() * t.element_size() for t in tensors),
+                            kv_bytes_per_token=probe.bytes_per_token(),
+                            kv_bytes_per_token_formula=probe.formula_bytes_per_token(), peak_bytes=int(peak))
+
+    def close(self) -> None:
+        self._loop = None
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

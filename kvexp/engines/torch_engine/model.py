@@ -1,0 +1,226 @@
+"""A compact Llama-family decoder (Llama, Qwen2 with its qkv bias, Mistral) over an explicit KV cache.
+
+Module names mirror Hugging Face's, so a safetensors state dict loads as is and quantized linears swap in
+by name. Three attention modes:
+  prefill  fresh sequences: causal attention over the new K/V in the model dtype, then K/V are written to
+           the cache. This is what serving engines do, so one-pass scores never see KV quantization.
+  extend   n new tokens per sequence at positions pos[b]..pos[b]+n-1: K/V are written first, then every
+           query attends over what the cache gives back (dequantized): decode is extend with n = 1.
+  none     no cache at all (one-pass scoring of whole sequences).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvexp.errors import UnsupportedConfig
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    qkv_bias: bool
+    tie_embeddings: bool
+    max_positions: int
+    inv_freq: tuple  # RoPE inverse frequencies (after any rope scaling), length head_dim / 2
+
+    @classmethod
+    def from_hf(cls, c: dict) -> "ArchConfig":
+        arch = (c.get("architectures") or ["?"])[0]
+        if c.get("model_type") not in ("llama", "qwen2", "mistral"):
+            raise UnsupportedConfig(f"model.path: architecture {arch} ({c.get('model_type')}) is not supported by "
+                                    "engine=torch; it loads Llama, Qwen2 and Mistral checkpoints")
+        heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        return cls(
+            vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+            num_layers=c["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads, head_dim=head_dim,
+            rms_eps=c.get("rms_norm_eps", 1e-6), qkv_bias=c.get("model_type") == "qwen2" or c.get("attention_bias", False),
+            tie_embeddings=c.get("tie_word_embeddings", False),
+            max_positions=c.get("max_position_embeddings", 4096), inv_freq=tuple(rope_inv_freq(c, head_dim)))
+
+
+def rope_inv_freq(c: dict, head_dim: int) -> list[float]:
+    """Inverse frequencies for default, linear and llama3 RoPE (transformers 4.x 'rope_scaling' or 5.x
+    'rope_parameters'), computed in float32 as transformers does so positions rotate identically; the
+    llama3 recipe is Meta's, as in transformers' _compute_llama3_parameters."""
+    params = dict(c.get("rope_parameters") or {})
+    scaling = dict(c.get("rope_scaling") or params)
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_type == "linear":
+        inv = inv / scaling["factor"]
+    elif rope_type == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / high) & (wavelen <= old / low)
+        inv = torch.where(medium, smoothed, scaled)
+    elif rope_type != "default":
+        raise UnsupportedConfig(f"model.path: RoPE type {rope_type} is not supported by engine=torch "
+                                "(default, linear and llama3 are)")
+    return inv.tolist()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # float32 statistics, as HF does, so fp32 results match to rounding
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, n, D]; cos/sin [B, 1, n, D] (HF's rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+# decode_attn(q [B, Hq, D], cache, layer, lengths [B] int32) -> [B, Hq, D]: one new token per sequence
+DecodeAttention = Callable[[torch.Tensor, object, int, torch.Tensor], torch.Tensor]
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ArchConfig, layer: int):
+        super().__init__()
+        self.a, self.layer = a, layer
+        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache, pos, lengths, mode, decode_attn: Optional[DecodeAttention], observer):
+        B, n, _ = x.shape
+        a = self.a
+        q = self.q_proj(x).view(B, n, a.num_heads, a.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, n, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, n, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if observer is not None:
+            observer(self.layer, k, v)
+        if mode == "extend":
+            cache.write(self.layer, k, v, pos)
+            if n == 1 and decode_attn is not None:
+                out = decode_attn(q[:, :, 0], cache, self.layer, lengths)[:, :, None]
+            else:
+                out = self._attend_cache(q, cache, pos)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            if cache is not None:
+                cache.write(self.layer, k, v, pos)
+        return self.o_proj(out.transpose(1, 2).reshape(B, n, -1))
+
+    def _attend_cache(self, q, cache, pos):
+        """Reference attention over the dequantized cache; query j of sequence b sees positions <= pos[b]+j."""
+        n = q.shape[2]
+        # Inside CUDA-graph capture the lengths are device data: read the whole cache and let the mask cut it.
+        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+        length = cache.max_len if capturing else int((pos.max() + n).item())
+        k, v = cache.read(self.layer, length)
+        qpos = pos[:, None] + torch.arange(n, device=q.device)  # [B, n]
+        mask = torch.arange(length, device=q.device)[None, None, :] <= qpos[:, :, None]  # [B, n, T]
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None], enable_gqa=True)
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ArchConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ArchConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(a, layer)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_eps)
+
+    def forward(self, x, *attn_args):
+        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: ArchConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(a, i) for i in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, a: ArchConfig):
+        super().__init__()
+        self.arch = a
+        self.model = Backbone(a)
+        self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.register_buffer("inv_freq", torch.tensor(a.inv_freq, dtype=torch.float32), persistent=False)
+        self.decode_attn: Optional[DecodeAttention] = None  # set by the engine (Triton kernel on CUDA)
+        self.observer = None  # set during KV-scale calibration: observer(layer, k, v)
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache=None, mode: str = "none") -> torch.Tensor:
+        """tokens [B, n] at positions pos[b] + j -> final hidden states [B, n, hidden] (apply lm_head to the
+        positions you need: full-vocab logits for every position would not fit at long context)."""
+        n = tokens.shape[1]
+        positions = (pos[:, None] + torch.arange(n, device=tokens.device)).float()  # [B, n]
+        freqs = positions[..., None] * self.inv_freq  # [B, n, D/2]
+        emb = torch.cat((freqs, freqs), -1)[:, None]  # [B, 1, n, D]
+        cos, sin = emb.cos(), emb.sin()
+        lengths = (pos + n).to(torch.int32) if mode == "extend" else None  # valid cache length after the write
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, pos, lengths, mode, self.decode_attn, self.observer)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+
+def load_state(model: CausalLM, files: list, dtype: torch.dtype, device: torch.device) -> None:
+    """Load HF safetensors shards into the meta-initialised model, cast to dtype, on device."""
+    from safetensors import safe_open
+
+    state = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                state[key] = sf.get_tensor(key).to(device=device, dtype=dtype)
+    if model.arch.tie_embeddings or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.inv_freq = torch.tensor(model.arch.inv_freq, dtype=torch.float32, device=device)
+    missing = [m for m in missing if m != "inv_freq"]
+    if missing or unexpected:
+        raise UnsupportedConfig(f"model.path: checkpoint does not match the {model.arch.num_layers}-layer "
+                                f"Llama-family layout (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -1,0 +1,91 @@
+"""Compose and validate every job of a command line before any job starts.
+
+Hydra composes jobs one at a time, as they run; a typo in the third job of a sweep would surface only after
+two models were built. Here each job's config is composed with Hydra's own compose API and validated, and any
+problem becomes one line naming the field and the allowed values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvexp.config import RunSpec, validate
+from kvexp.errors import ConfigError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class Plan:
+    multirun: bool
+    specs: list[RunSpec]
+    overrides: list[list[str]]  # per job, as Hydra will apply them
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _split(argv: list[str]) -> tuple[bool, list[str]]:
+    multirun = "-m" in argv or "--multirun" in argv
+    return multirun, [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
+
+
+def _check_groups(overrides) -> None:
+    for o in overrides:
+        group = o.key_or_group
+        if (CONF_DIR / group).is_dir():
+            values = list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()]
+            options = group_options(group)
+            for v in values:
+                if v is not None and str(v) not in options:
+                    raise ConfigError(f"{group}={v}: unknown option; choose one of {', '.join(options)}")
+
+
+def _one_line(exc: Exception) -> str:
+    """Hydra/OmegaConf errors span several lines; keep the key, the value and the first sentence."""
+    cause = exc.__cause__ or exc
+    key = getattr(cause, "full_key", None)
+    first = str(getattr(cause, "msg", None) or cause).splitlines()[0] if str(cause) else type(cause).__name__
+    if key and "not in" in first:
+        return f"{key}: unknown field ({first}); see conf/ for the fields of each group"
+    if key:
+        value = getattr(cause, "value", None)
+        return f"{key}={value}: {first}"
+    return " ".join(str(exc).replace("Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.",
+                                     "").split())
+
+
+def compose_job(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    import kvexp.config  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def plan(argv: list[str]) -> Plan:
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    multirun, args = _split(argv)
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception as e:
+        raise ConfigError(f"could not parse the overrides: {_one_line(e)}") from e
+    _check_groups(parsed)
+    if not multirun and any(o.is_sweep_override() for o in parsed):
+        raise ConfigError("a sweep (a=x,y) needs multirun: add -m, e.g. python -m kvexp.run -m quant=fp16,int8kv")
+    jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [args]
+    specs = []
+    for job in jobs:
+        try:
+            cfg = compose_job(job)
+        except Exception as e:  # Hydra/OmegaConf composition errors: unknown keys, wrong types
+            raise ConfigError(_one_line(e)) from e
+        specs.append(validate(cfg))
+    stores = {(s.cfg.tracking.uri, s.cfg.tracking.experiment) for s in specs}
+    if len(stores) > 1:
+        raise ConfigError("tracking.uri / tracking.experiment: must be the same for every job of one sweep")
+    return Plan(multirun=multirun, specs=specs, overrides=[list(j) for j in jobs])

@@ -1,0 +1,57 @@
+"""Calibration data: text from the Hub, a local file, or the corpus shipped with kvexp, cut into token windows."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from kvexp.config import CalibConfig
+from kvexp.errors import ConfigError
+
+# name -> (load_dataset args, split, text field). cnn_dailymail is TensorRT-LLM's and ModelOpt's default.
+HUB_DATASETS = {
+    "cnn_dailymail": (("abisee/cnn_dailymail", "3.0.0"), "train", "article"),
+    "wikitext": (("Salesforce/wikitext", "wikitext-2-raw-v1"), "train", "text"),
+}
+BUILTIN = Path(__file__).resolve().parents[1] / "data" / "corpus.txt"
+
+
+def calibration_texts(calib: CalibConfig) -> list[str]:
+    name = calib.dataset
+    if name == "builtin":
+        return BUILTIN.read_text().splitlines()
+    if name in HUB_DATASETS:
+        return _hub_texts(name, calib.num_samples)
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"quant.calib.dataset={name}: not builtin, {', '.join(HUB_DATASETS)}, or an existing "
+                          ".txt/.jsonl file")
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    return [p for p in path.read_text().split("\n\n") if p.strip()]
+
+
+def _hub_texts(name: str, n: int) -> list[str]:
+    from datasets import load_dataset
+
+    args, split, field = HUB_DATASETS[name]
+    try:
+        ds = load_dataset(*args, split=f"{split}[:{max(4 * n, 256)}]")
+    except Exception as e:  # offline, or the Hub moved: the fix is the same
+        raise ConfigError(f"quant.calib.dataset={name}: could not load it from the Hub ({type(e).__name__}); "
+                          "use quant.calib.dataset=builtin or a local .txt/.jsonl file offline") from e
+    return [t for t in ds[field] if t and t.strip()]
+
+
+def calibration_batches(tokenizer, calib: CalibConfig) -> list[torch.Tensor]:
+    """num_samples windows of seq_len tokens, [1, seq_len] each, cut from the concatenated texts
+    (repeated if the source is short, so small offline sources still give full windows)."""
+    ids: list[int] = []
+    for text in calibration_texts(calib):
+        ids.extend(tokenizer.encode(text + "\n", add_special_tokens=False))
+    if not ids:
+        raise ConfigError(f"quant.calib.dataset={calib.dataset}: no text in it")
+    need = calib.num_samples * calib.seq_len
+    ids = (ids * (need // len(ids) + 1))[:need]
+    return list(torch.tensor(ids).view(calib.num_samples, 1, calib.seq_len))

@@ -1,0 +1,159 @@
+"""KV-cache quantization: the number formats, their reference (pure PyTorch) math, and the cache classes.
+
+Layout (every layer, every format): values [B, Hkv, T, D] (int4: [B, Hkv, T, D/2] uint8, two nibbles),
+dynamic scales [B, Hkv, T] (one per token and head), static scales [Hkv] float32 (per head; a
+per-tensor scale is the same value repeated). Keys are stored after RoPE, as attention reads them.
+Dequantization is x = q * scale (int4: (nibble - 8) * scale). Scales are stored as bfloat16: 2 bytes keep
+int8 KV at 66/128 of bf16's bytes for head_dim 64, and bf16's range never underflows; values are
+quantized with the stored (rounded) scale, so the round trip is exactly what the kernels read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SCALE_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    name: str
+    storage: torch.dtype
+    qmax: float  # largest representable magnitude of the quantized value
+    bits: int
+
+    @property
+    def packed(self) -> bool:
+        return self.bits == 4
+
+
+FORMATS = {
+    "int8": KVFormat("int8", torch.int8, 127.0, 8),
+    "fp8": KVFormat("fp8", torch.float8_e4m3fn, 448.0, 8),
+    "int4": KVFormat("int4", torch.uint8, 7.0, 4),
+}
+
+
+def dynamic_scale(x: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
+    """Per-vector scale over the last dim: x [..., D] -> [...] in SCALE_DTYPE (never zero)."""
+    amax = x.float().abs().amax(-1).clamp_min(1e-6)
+    return (amax / fmt.qmax).to(SCALE_DTYPE)
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
+    """x [..., D] with scale broadcastable to x[..., 0] -> storage [..., D] (int4: [..., D/2])."""
+    y = x.float() / scale.float()[..., None]
+    if fmt.name == "fp8":
+        return y.clamp(-fmt.qmax, fmt.qmax).to(fmt.storage)
+    q = torch.round(y).clamp(-fmt.qmax - (1 if fmt.packed else 0), fmt.qmax)
+    if not fmt.packed:
+        return q.to(torch.int8)
+    u = (q + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: KVFormat, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of quantize: storage [..., D or D/2] -> [..., D] in dtype (math in float32)."""
+    if fmt.packed:
+        lo, hi = (q & 0xF).float() - 8, (q >> 4).float() - 8
+        vals = torch.stack((lo, hi), -1).flatten(-2)
+    else:
+        vals = q.float()
+    return (vals * scale.float()[..., None]).to(dtype)
+
+
+class KVCache:
+    """Static, dense cache in the model dtype: what fp16/bf16 serving reads."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.layers, self.batch, self.kv_heads, self.max_len, self.head_dim = layers, batch, kv_heads, max_len, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+
+    @staticmethod
+    def _index(pos: torch.Tensor, n: int) -> torch.Tensor:
+        """pos [B] start positions -> [B, n] absolute positions of n new tokens."""
+        return pos[:, None] + torch.arange(n, device=pos.device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """k, v [B, Hkv, n, D] written at positions pos[b] .. pos[b]+n-1 of each sequence."""
+        idx = self._index(pos, k.shape[2])[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+        self.k[layer].scatter_(2, idx, k.to(self.dtype))
+        self.v[layer].scatter_(2, idx, v.to(self.dtype))
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `length` positions as [B, Hkv, length, D] in the model dtype."""
+        return self.k[layer][:, :, :length], self.v[layer][:, :, :length]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.k + self.v
+
+    def bytes_per_token(self) -> float:
+        """Measured: bytes of every allocated cache tensor over the token slots they hold."""
+        return sum(t.numel() * t.element_size() for t in self.tensors()) / (self.batch * self.max_len)
+
+    def formula_bytes_per_token(self) -> float:
+        return self.layers * 2 * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits / 8
+
+
+class QuantizedKVCache(KVCache):
+    """int8 / fp8 / int4 values with per-(token, head) dynamic scales or calibrated static per-head scales."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device, fmt: KVFormat,
+                 static_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        self.layers, self.batch, self.kv_heads, self.max_len, self.head_dim = layers, batch, kv_heads, max_len, head_dim
+        self.dtype, self.device, self.fmt = dtype, torch.device(device), fmt
+        width = head_dim // 2 if fmt.packed else head_dim
+        shape = (batch, kv_heads, max_len, width)
+        self.k = [torch.zeros(shape, dtype=fmt.storage, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=fmt.storage, device=device) for _ in range(layers)]
+        self.static = static_scales is not None
+        if self.static:
+            # static_scales: (k [L, Hkv], v [L, Hkv]) float32 from calibration (amax / qmax)
+            self.k_scale = [s.float().to(device) for s in static_scales[0]]
+            self.v_scale = [s.float().to(device) for s in static_scales[1]]
+        else:
+            ones = (batch, kv_heads, max_len)
+            self.k_scale = [torch.ones(ones, dtype=SCALE_DTYPE, device=device) for _ in range(layers)]
+            self.v_scale = [torch.ones(ones, dtype=SCALE_DTYPE, device=device) for _ in range(layers)]
+
+    def _quantize(self, x: torch.Tensor, layer_scale: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.static:
+            return quantize(x, layer_scale[None, :, None], self.fmt), None
+        scale = dynamic_scale(x, self.fmt)
+        return quantize(x, scale, self.fmt), scale
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        n = k.shape[2]
+        t = self._index(pos, n)[:, None, :].expand(-1, k.shape[1], -1)  # [B, Hkv, n]
+        for values, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = self._quantize(x, scales[layer])
+            # scatter through a byte view: every format is one byte wide, and CPU scatter has no float8 kernel
+            values[layer].view(torch.uint8).scatter_(2, t[..., None].expand(-1, -1, -1, q.shape[-1]), q.view(torch.uint8))
+            if s is not None:
+                scales[layer].scatter_(2, t, s)
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for values, scales in ((self.k, self.k_scale), (self.v, self.v_scale)):
+            s = scales[layer][None, :, None] if self.static else scales[layer][:, :, :length]
+            out.append(dequantize(values[layer][:, :, :length], s, self.fmt, self.dtype))
+        return out[0], out[1]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.k + self.v + self.k_scale + self.v_scale
+
+    def bytes_per_token(self) -> float:
+        # Static scales are per layer, not per token: they are not token storage.
+        per_token = self.k + self.v + ([] if self.static else self.k_scale + self.v_scale)
+        return sum(t.numel() * t.element_size() for t in per_token) / (self.batch * self.max_len)
+
+    def formula_bytes_per_token(self) -> float:
+        scale = 0 if self.static else torch.finfo(SCALE_DTYPE).bits / 8
+        return self.layers * 2 * self.kv_heads * (self.head_dim * self.fmt.bits / 8 + scale)

@@ -1,0 +1,55 @@
+"""Static KV-cache scales: amax of post-RoPE keys and of values per layer and head over calibration data.
+
+Per-tensor scales (TensorRT-LLM's INT8/FP8 KV style) take the max over heads; per-head keep each head's.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvexp.quant.kv import FORMATS
+from kvexp.quant.weights import artifact_path
+
+if TYPE_CHECKING:
+    from kvexp.config import RunSpec
+
+
+@torch.no_grad()
+def kv_amax(model, batches: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the calibration windows through the model; returns (k_amax, v_amax), each [layers, kv_heads]."""
+    a = model.arch
+    amax = torch.zeros(2, a.num_layers, a.num_kv_heads, device=device)
+
+    def observe(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v: [B, Hkv, n, D]
+        for i, x in enumerate((k, v)):
+            amax[i, layer] = torch.maximum(amax[i, layer], x.float().abs().amax(dim=(0, 2, 3)))
+
+    model.observer = observe
+    try:
+        for b in batches:
+            b = b.to(device)
+            model(b, torch.zeros(b.shape[0], dtype=torch.long, device=device))
+    finally:
+        model.observer = None
+    return amax[0], amax[1]
+
+
+def static_kv_scales(spec: RunSpec, model, tokenizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached (k_scale, v_scale) [layers, kv_heads] float32 = amax / qmax, per head or per tensor."""
+    from kvexp.quant.calib import calibration_batches
+
+    q = spec.cfg.quant
+    path = artifact_path(spec, "kvscales", {"weights": vars(q.weights), "kv": vars(q.kv_cache),
+                                            "calib": vars(q.calib)}).with_suffix(".pt")
+    if path.exists():
+        k, v = torch.load(path)
+    else:
+        k, v = kv_amax(model, calibration_batches(tokenizer, q.calib), device)
+        if q.kv_cache.granularity == "tensor":
+            k, v = (x.amax(-1, keepdim=True).expand_as(x).contiguous() for x in (k, v))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save((k.cpu(), v.cpu()), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").rename(path)
+    qmax = FORMATS[q.kv_cache.dtype].qmax
+    return (k.float().clamp_min(1e-6) / qmax).to(device), (v.float().clamp_min(1e-6) / qmax).to(device)

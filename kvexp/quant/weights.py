@@ -1,0 +1,132 @@
+"""INT4 weight quantization in two steps (as gpt-fast): build packed weights offline, cached under their own
+hash, then swap them into the model at load.
+
+AWQ runs through nvidia-modelopt (mtq.INT4_AWQ_CFG) on the Hugging Face model, so any engine can reuse the
+calibrated result; RTN (round to nearest, no calibration) is the baseline AWQ should beat.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
+
+from kvexp.quant.int4 import Int4Linear, pack, quantize_groups, rtn_quantize
+
+if TYPE_CHECKING:
+    from kvexp.config import RunSpec
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1  # bump when the stored format or the recipe changes
+
+
+def artifact_path(spec: RunSpec, kind: str, parts: dict) -> Path:
+    """Cache path of a quantization artifact keyed by what determines it (model, recipe, calibration data)."""
+    key = {"kind": kind, "version": FORMAT_VERSION, "model": spec.cfg.model.path,
+           "revision": spec.cfg.model.revision, **parts}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return spec.cache_dir / "quant" / f"{kind}-{digest}"
+
+
+def int4_weights(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> tuple[Path, float]:
+    """Packed int4 weights for the run's quant.weights (cached). Returns (safetensors path, seconds spent)."""
+    w = spec.cfg.quant.weights
+    parts = {"weights": vars(w)} | ({"calib": vars(spec.cfg.quant.calib)} if w.algo == "awq" else {})
+    out = artifact_path(spec, f"int4-{w.algo}", parts).with_suffix(".safetensors")
+    if out.exists():
+        return out, 0.0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if out.exists():
+            return out, 0.0
+        start = time.perf_counter()
+        state = _awq(spec, model_dir, tokenizer, device) if w.algo == "awq" else _rtn(model_dir, w.group_size)
+        tmp = out.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        tmp.rename(out)  # atomic: a killed job never leaves a half-written artifact
+        return out, time.perf_counter() - start
+
+
+def _rtn(model_dir: Path, group: int) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    state = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                if _quantizable(key):
+                    name = key[: -len(".weight")]
+                    state[f"{name}.qweight"], state[f"{name}.scales"] = rtn_quantize(sf.get_tensor(key).float(), group)
+    return state
+
+
+def _quantizable(key: str) -> bool:
+    return key.endswith("_proj.weight") and ".layers." in key
+
+
+def _awq(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    from kvexp.quant.calib import calibration_batches
+
+    group = spec.cfg.quant.weights.group_size
+    cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)  # a private copy: ModelOpt's dicts are module globals
+    for entry in cfg["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["block_sizes"][-1] = group
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    batches = calibration_batches(tokenizer, spec.cfg.quant.calib)
+    log.info("AWQ calibration (ModelOpt INT4_AWQ_CFG, group %d) on %d x %d tokens", group, len(batches),
+             batches[0].shape[1])
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for b in batches:
+                m(b.to(device))
+
+    mtq.quantize(model, cfg, forward_loop)
+    state = export_int4(model, group)
+    del model
+    return state
+
+
+def export_int4(model: torch.nn.Module, group: int) -> dict[str, torch.Tensor]:
+    """ModelOpt-calibrated linears -> kvexp's packed int4 state ({name}.qweight / .scales / .pre_scale)."""
+    state = {}
+    for name, module in model.named_modules():
+        wq = getattr(module, "weight_quantizer", None)
+        if wq is None or not wq.is_enabled:
+            continue
+        weight = module.weight.detach().float()  # ModelOpt has already divided in the AWQ scale
+        amax = wq._amax.float().reshape(weight.shape[0], weight.shape[1] // group)
+        state[f"{name}.qweight"] = pack(quantize_groups(weight, amax, group)).cpu()
+        state[f"{name}.scales"] = (amax / 7.0).cpu()
+        pre = getattr(module.input_quantizer, "_pre_quant_scale", None)
+        if pre is not None:
+            state[f"{name}.pre_scale"] = pre.detach().float().cpu()
+    return state
+
+
+def swap_int4(model: torch.nn.Module, path: Path, group: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Replace every nn.Linear named in the artifact by an Int4Linear; returns how many were swapped."""
+    state = load_file(str(path))
+    names = sorted({k.rsplit(".", 1)[0] for k in state})
+    for name in names:
+        parent_name, child = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        pre = state.get(f"{name}.pre_scale")
+        new = Int4Linear(state[f"{name}.qweight"].to(device), state[f"{name}.scales"].to(device, dtype), group,
+                         None if pre is None else pre.to(device, dtype),
+                         None if old.bias is None else old.bias.detach())
+        setattr(parent, child, new)
+    return len(names)

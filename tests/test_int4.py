@@ -1,0 +1,70 @@
+"""INT4 weights: packing, the linear layer, and AWQ (through ModelOpt) beating round-to-nearest."""
+import pytest
+import torch
+from torch import nn
+
+from conftest import build_engine
+from kvexp.quant.int4 import Int4Linear, pack, quantize_groups, rtn_quantize, unpack
+from kvexp.quant.weights import export_int4
+
+
+def test_pack_round_trip():
+    q = torch.randint(-8, 8, (16, 256), dtype=torch.int8)
+    assert torch.equal(unpack(pack(q)), q)
+
+
+def test_int4_linear_matches_float64_dequantized_reference():
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 256), torch.randn(5, 256)
+    qweight, scales = rtn_quantize(w, 64)
+    pre, bias = torch.rand(256) + 0.5, torch.randn(48)
+    layer = Int4Linear(qweight, scales, 64, pre, bias)
+    q = unpack(qweight).double().reshape(48, 4, 64)
+    w_deq = (q * scales.double()[..., None]).reshape(48, 256)
+    ref = (x.double() * pre.double()) @ w_deq.T + bias.double()
+    assert torch.allclose(layer(x).double(), ref, atol=1e-4)
+    # and RTN itself is a faithful int4 grid: error at most half a step per weight
+    step = scales.repeat_interleave(64, dim=1)
+    assert ((w_deq - w.double()).abs() <= step.double() / 2 + 1e-6).all()
+
+
+def _outlier_inputs(n, k, gen):
+    x = torch.randn(n, k, generator=gen)
+    x[:, :4] *= 40.0  # a few input channels with planted activation outliers (the case AWQ exists for)
+    return x
+
+
+def test_awq_beats_round_to_nearest_on_activation_outliers():
+    import modelopt.torch.quantization as mtq
+
+    gen = torch.Generator().manual_seed(0)
+    k, n_out, group = 256, 64, 128
+    ref_layer = nn.Linear(k, n_out, bias=False)
+    with torch.no_grad():
+        ref_layer.weight.copy_(torch.randn(n_out, k, generator=gen) * 0.05)
+    w = ref_layer.weight.detach().clone()
+    model = nn.Sequential(nn.Linear(k, n_out, bias=False))
+    model[0].weight.data.copy_(w)
+    calib = _outlier_inputs(256, k, gen)
+    mtq.quantize(model, mtq.INT4_AWQ_CFG, lambda m: m(calib))
+    state = export_int4(model, group)
+    awq = Int4Linear(state["0.qweight"], state["0.scales"], group, state.get("0.pre_scale"))
+    rtn = Int4Linear(*rtn_quantize(w, group), group)
+    x = _outlier_inputs(512, k, gen)  # fresh inputs from the same distribution
+    ref = x.double() @ w.double().T
+    err = {name: ((layer(x).double() - ref).norm() / ref.norm()).item() for name, layer in
+           (("awq", awq), ("rtn", rtn))}
+    assert "0.pre_scale" in state
+    assert err["awq"] < 0.8 * err["rtn"], err
+
+
+def test_awq_engine_uses_packed_weights_and_caches_them():
+    first = build_engine("quant=awq")
+    swapped = [m for m in first.model.modules() if isinstance(m, Int4Linear)]
+    assert len(swapped) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers; lm_head stays dense
+    assert all(m.qweight.dtype == torch.uint8 for m in swapped)
+    second = build_engine("quant=awq")  # same quant hash: the calibrated weights come from the cache
+    qw = lambda e: [m.qweight for m in e.model.modules() if isinstance(m, Int4Linear)]
+    assert all(torch.equal(a, b) for a, b in zip(qw(first), qw(second)))
+    dense = build_engine("quant=fp16")
+    assert first.memory().weight_bytes < 0.7 * dense.memory().weight_bytes

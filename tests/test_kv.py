@@ -1,0 +1,104 @@
+"""KV-cache quantization against float64 references on fresh random inputs."""
+import math
+
+import pytest
+import torch
+
+from conftest import build_engine
+from kvexp.quant.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dequantize, dynamic_scale, quantize
+
+
+def _attention64(q, k, v):
+    """q [B, H, D], k/v [B, H, T, D] -> [B, H, D] in float64."""
+    s = torch.einsum("bhd,bhtd->bht", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    return torch.einsum("bht,bhtd->bhd", s.softmax(-1), v.double())
+
+
+@pytest.mark.parametrize("fmt,bound", [("int8", 0.5 / 127), ("int4", 0.5 / 7), ("fp8", 2 ** -4)])
+def test_round_trip_error_is_within_half_a_step(fmt, bound):
+    f = FORMATS[fmt]
+    x = torch.randn(4, 2, 33, 64) * torch.rand(4, 2, 33, 1) * 10  # per-vector magnitudes differ
+    scale = dynamic_scale(x, f)
+    y = dequantize(quantize(x, scale, f), scale, f, torch.float32)
+    err = (y - x).abs() / x.abs().amax(-1, keepdim=True)
+    # relative to each vector's amax: half a quantization step (fp8: half an ulp of e4m3 relative to 448)
+    assert err.max() <= bound * 1.01 + 2 ** -8  # + bf16 rounding of the stored scale
+    assert scale.dtype == SCALE_DTYPE
+
+
+def test_int4_packs_two_values_per_byte():
+    f = FORMATS["int4"]
+    x = torch.randn(3, 64)
+    q = quantize(x, dynamic_scale(x, f), f)
+    assert q.shape == (3, 32) and q.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("fmt,static,tol", [("int8", False, 0.01), ("fp8", False, 0.05), ("int8", True, 0.03),
+                                            ("int4", False, 0.25)])
+def test_attention_over_quantized_cache(fmt, static, tol):
+    B, H, T, D = 2, 4, 100, 64
+    torch.manual_seed(0)
+    k, v, q = torch.randn(B, H, T, D), torch.randn(B, H, T, D), torch.randn(B, H, D)
+    scales = None
+    if static:
+        amax_k, amax_v = k.abs().amax((0, 2, 3)), v.abs().amax((0, 2, 3))
+        scales = ((amax_k / FORMATS[fmt].qmax)[None], (amax_v / FORMATS[fmt].qmax)[None])  # [L=1, H]
+    cache = QuantizedKVCache(1, B, H, T, D, torch.float32, "cpu", FORMATS[fmt], scales)
+    cache.write(0, k, v, torch.zeros(B, dtype=torch.long))
+    kq, vq = cache.read(0, T)
+    ref = _attention64(q, k, v)
+    err = (_attention64(q, kq, vq) - ref).norm() / ref.norm()
+    assert 1e-5 < err < tol  # quantized (not a copy), and close
+
+
+def test_writes_land_at_each_sequences_position():
+    B, H, T, D = 3, 2, 10, 8
+    for cache in (KVCache(1, B, H, T, D, torch.float32, "cpu"),
+                  QuantizedKVCache(1, B, H, T, D, torch.float32, "cpu", FORMATS["int8"])):
+        k = torch.randn(B, H, 2, D) + 5
+        pos = torch.tensor([0, 3, 7])
+        cache.write(0, k, k, pos)
+        kr, _ = cache.read(0, T)
+        for b, p in enumerate(pos.tolist()):
+            assert torch.allclose(kr[b, :, p:p + 2], k[b], rtol=0.02)
+            untouched = [t for t in range(T) if not p <= t < p + 2]
+            assert (kr[b, :, untouched] == 0).all()
+
+
+@pytest.mark.parametrize("quant,expected", [("fp16", 2 * 2 * 2 * 32 * 4),  # tiny: 2 layers, 2 kv heads, d 32, fp32
+                                            ("int8kv", 2 * 2 * 2 * (32 + 2)), ("int4kv", 2 * 2 * 2 * (16 + 2)),
+                                            ("int8kv_static", 2 * 2 * 2 * 32)])
+def test_kv_bytes_per_token_measured_equals_formula(quant, expected):
+    engine = build_engine(f"quant={quant}")
+    mem = engine.memory()
+    assert mem.kv_bytes_per_token == mem.kv_bytes_per_token_formula == expected
+
+
+def _sharpen(engine):
+    """Random-init tiny weights give near-uniform outputs; scale them up so quantization error shows."""
+    with torch.no_grad():
+        for name, p in engine.model.named_parameters():
+            if p.dim() > 1:
+                p.mul_(8.0)
+
+
+def test_kv_faithful_scoring_sees_the_quantized_cache():
+    gen = torch.Generator().manual_seed(2)
+    reqs = [(torch.randint(3, 500, (40,), generator=gen).tolist(), torch.randint(3, 500, (8,), generator=gen).tolist())
+            for _ in range(3)]
+    scores = {}
+    for quant in ("fp16", "int8kv", "int4kv"):
+        engine = build_engine(f"quant={quant}")
+        _sharpen(engine)
+        one = engine.continuation_logprobs(reqs, kv_faithful=False)
+        faithful = engine.continuation_logprobs(reqs, kv_faithful=True)
+        scores[quant] = (torch.stack(one), torch.stack(faithful))
+    fp_one, fp_faithful = scores["fp16"]
+    assert torch.allclose(fp_one, fp_faithful, atol=1e-4)  # fp cache: both modes agree
+    for quant in ("int8kv", "int4kv"):
+        one, faithful = scores[quant]
+        assert torch.equal(one, fp_one)  # one-pass never reads the cache: blind to KV quantization
+        assert (faithful - fp_faithful).abs().max() > 1e-4  # the faithful mode sees it
+    d8 = (scores["int8kv"][1] - fp_faithful).abs().mean()
+    d4 = (scores["int4kv"][1] - fp_faithful).abs().mean()
+    assert d4 > 3 * d8  # and coarser formats move scores more

@@ -1,0 +1,71 @@
+"""The spine end to end: the README's sweep in a subprocess, tracked in a fresh MLflow store."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvexp.tracking import PARENT_TAG, TAG, Tracker
+
+METRICS = ["build.s", "fid.kl_mean", "fid.top1_agree", "fid.greedy_agree", "perf.ttft_ms", "perf.tpot_ms",
+           "perf.decode_tok_s", "mem.peak_bytes", "mem.weight_bytes", "mem.kv_bytes_per_token"]
+
+
+def kvexp_run(cwd, *args):
+    return subprocess.run([sys.executable, "-m", "kvexp.run", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env=os.environ.copy())
+
+
+def runs_in(cwd):
+    return Tracker(f"sqlite:///{cwd}/mlruns/mlflow.db", "kvexp").search()
+
+
+@pytest.mark.slow
+def test_smoke_sweep_tracks_three_runs_and_a_rerun_adds_none(in_tmp):
+    proc = kvexp_run(in_tmp, "-m", "quant=fp16,int8kv,awq", "experiment=smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 finished, 0 failed, 0 skipped" in proc.stdout
+    runs = runs_in(in_tmp)
+    parents = [r for r in runs if r.data.tags.get(TAG + "sweep") == "true"]
+    children = [r for r in runs if r not in parents]
+    assert len(parents) == 1 and len(children) == 3
+    assert {r.data.tags[PARENT_TAG] for r in children} == {parents[0].info.run_id}
+    assert all(r.info.status == "FINISHED" for r in runs)
+    hashes = {r.data.tags[TAG + "config_hash"] for r in children}
+    assert len(hashes) == 3 and all(len(h) == 64 for h in hashes)
+    by_quant = {r.data.tags[TAG + "quant"]: r for r in children}
+    for r in children:
+        assert set(METRICS) <= set(r.data.metrics), set(METRICS) - set(r.data.metrics)
+        assert r.data.params["quant.kv_cache.dtype"] in ("auto", "int8")
+        for tag in ("model", "engine", "context", "git_commit", "versions", "device"):
+            assert r.data.tags[TAG + tag]
+    fp16, int8 = by_quant["fp16"].data.metrics, by_quant["int8kv"].data.metrics
+    assert fp16["fid.kl_mean"] == 0 and fp16["fid.top1_agree"] == 1 and fp16["fid.greedy_agree"] == 1
+    assert int8["mem.kv_bytes_per_token"] < 0.3 * fp16["mem.kv_bytes_per_token"]  # fp32 on CPU -> int8 + scales
+    assert by_quant["awq"].data.metrics["mem.weight_bytes"] < fp16["mem.weight_bytes"]
+    artifacts = {a.path for a in Tracker(f"sqlite:///{in_tmp}/mlruns/mlflow.db", "kvexp").client.list_artifacts(
+        children[0].info.run_id)}
+    assert {"config.yaml", "overrides.txt"} <= artifacts
+
+    again = kvexp_run(in_tmp, "-m", "quant=fp16,int8kv,awq", "experiment=smoke")
+    assert again.returncode == 0 and "0 finished, 0 failed, 3 skipped" in again.stdout
+    assert len([r for r in runs_in(in_tmp) if r.data.tags.get(TAG + "sweep") != "true"]) == 3
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_failed_and_the_sweep_goes_on(in_tmp):
+    broken = in_tmp / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    proc = kvexp_run(in_tmp, "-m", f"model.path=builtin:tiny,{broken}", "experiment=smoke", "bench=none")
+    assert proc.returncode == 1
+    assert "1 finished, 1 failed" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    runs = [r for r in runs_in(in_tmp) if r.data.tags.get(TAG + "sweep") != "true"]
+    status = {r.data.tags[TAG + "model_path"]: r.info.status for r in runs}
+    assert status == {"builtin:tiny": "FINISHED", str(broken): "FAILED"}
+    failed = next(r for r in runs if r.info.status == "FAILED")
+    assert TAG + "error" in failed.data.tags
+    tracker = Tracker(f"sqlite:///{in_tmp}/mlruns/mlflow.db", "kvexp")
+    assert "error.txt" in {a.path for a in tracker.client.list_artifacts(failed.info.run_id)}
