@@ -105,5 +105,7 @@ def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None
             start = time.perf_counter()
             tracker.log_metrics(run_id, perf.measure(engine, spec))
             log.info("bench done in %.1f s", time.perf_counter() - start)
+            prompts = perf.bench_prompts(engine, cfg.bench.batch_size, cfg.context.prompt_len, cfg.seed)
+            tracker.log_metrics(run_id, engine.external_bench(prompts, cfg.context.gen_len, out_dir / "external_bench"))
     finally:
         engine.close()

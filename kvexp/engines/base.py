@@ -134,6 +134,10 @@ class Engine(ABC):
             out.append((picked, bool((logp.argmax(-1) == target).all())))
         return out
 
+    def external_bench(self, prompts: Sequence[Sequence[int]], output_tokens: int, work_dir) -> dict[str, float]:
+        """Numbers from the engine's own benchmark tool, when it has one and it is enabled (trtllm-bench)."""
+        return {}
+
     @abstractmethod
     def memory(self) -> MemoryReport:
         """Weights, KV cache and peak memory of the built engine."""
