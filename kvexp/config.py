@@ -214,8 +214,10 @@ def validate(cfg: DictConfig) -> RunSpec:
     spec = RunSpec(cfg=typed, engine_options=options, config_hash=config_hash(cfg))
     cls.check_supported(spec)
     from kvexp.checkpoint import check_model  # local paths and cached Hub configs only: no download
+    from kvexp.evaluate.accuracy import check_tasks  # task names, before any model is built
 
     check_model(spec)
+    check_tasks(typed.eval)
     return spec
 
 

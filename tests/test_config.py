@@ -21,11 +21,11 @@ def test_every_preset_composes(group):
 
 
 def test_hash_ignores_order_and_composition_route():
-    a = compose("quant=int8kv", "context.prompt_len=64", "experiment=smoke")
-    b = compose("experiment=smoke", "context.prompt_len=64", "quant=int8kv")
+    a = compose("quant=int8kv", "context.prompt_len=256", "experiment=smoke")
+    b = compose("experiment=smoke", "context.prompt_len=256", "quant=int8kv")
     # the experiment file vs the same values given as overrides
-    c = compose("model=tiny", "quant=int8kv", "model.dtype=float32", "quant.calib.dataset=builtin",
-                "quant.calib.num_samples=8", "quant.calib.seq_len=128", "context.prompt_len=64", "context.gen_len=16",
+    c = compose("model=tiny", "quant=int8kv", "eval=quick", "model.dtype=float32", "quant.calib.dataset=builtin",
+                "quant.calib.num_samples=8", "quant.calib.seq_len=128", "context.prompt_len=256", "context.gen_len=32",
                 "eval.fidelity.num_prompts=2", "eval.fidelity.score_tokens=16", "eval.fidelity.gen_tokens=8",
                 "bench.warmup=1", "bench.iters=2")
     assert config_hash(a) == config_hash(b) == config_hash(c)
@@ -54,6 +54,7 @@ def test_hash_ignores_where_not_what():
     (["engine.device=tpu"], "engine.device=tpu"),
     (["engine.nope=1"], "engine.nope"),
     (["quant=fp16,int8kv"], "-m"),  # a sweep without multirun
+    (["eval.tasks=[kvexp_paskey]"], "kvexp_passkey"),  # an unknown task: close matches, before any build
 ])
 def test_validation_names_the_field(overrides, field):
     with pytest.raises(ConfigError) as err:

@@ -43,6 +43,13 @@ def test_smoke_sweep_tracks_three_runs_and_a_rerun_adds_none(in_tmp):
     assert fp16["fid.kl_mean"] == 0 and fp16["fid.top1_agree"] == 1 and fp16["fid.greedy_agree"] == 1
     assert int8["mem.kv_bytes_per_token"] < 0.3 * fp16["mem.kv_bytes_per_token"]  # fp32 on CPU -> int8 + scales
     assert by_quant["awq"].data.metrics["mem.weight_bytes"] < fp16["mem.weight_bytes"]
+    # accuracy from lm-eval through the engine, every offline task, for every run
+    for r in children:
+        for task in ("kvexp_passkey", "kvexp_niah_multikey", "kvexp_vt", "kvexp_arith", "kvexp_ppl"):
+            assert any(k.startswith(f"acc.{task}.") for k in r.data.metrics), (r.info.run_name, task)
+    # perplexity is scored KV-faithfully for int8kv (the cache is read back), so it moves; fp16 is one-pass
+    ppl = "acc.kvexp_ppl.byte_perplexity"
+    assert int8[ppl] != fp16[ppl] and abs(int8[ppl] / fp16[ppl] - 1) < 0.01
     artifacts = {a.path for a in Tracker(f"sqlite:///{in_tmp}/mlruns/mlflow.db", "kvexp").client.list_artifacts(
         children[0].info.run_id)}
     assert {"config.yaml", "overrides.txt"} <= artifacts
@@ -58,7 +65,7 @@ def test_a_failing_job_is_failed_and_the_sweep_goes_on(in_tmp):
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama"}')
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    proc = kvexp_run(in_tmp, "-m", f"model.path=builtin:tiny,{broken}", "experiment=smoke", "bench=none")
+    proc = kvexp_run(in_tmp, "-m", f"model.path=builtin:tiny,{broken}", "experiment=smoke", "bench=none", "eval=none")
     assert proc.returncode == 1
     assert "1 finished, 1 failed" in proc.stdout
     assert "Traceback" not in proc.stderr

@@ -127,12 +127,13 @@ def test_pytorch_backend_plan_per_preset(preset, tmp_path, only_trtllm):
 
 
 def test_limits_come_from_context_and_batch_configs(tmp_path):
-    spec = make_spec("quant=fp16", "context.prompt_len=100", "context.gen_len=28", "bench.batch_size=4",
+    spec = make_spec("quant=fp16", "eval=none", "context.prompt_len=100", "context.gen_len=28", "bench.batch_size=4",
                      "eval.batch_size=2", "eval.fidelity.enabled=false", f"cache_dir={tmp_path}")
     build = TrtllmEngine.plan(spec, trt_version="1.2.0", gpu_name=H100[0])["build_config"]
     assert build == dict(max_input_len=128, max_seq_len=129, max_batch_size=4, max_num_tokens=516,
                          gather_context_logits=False)
-    spec = make_spec("quant=fp16", "context.gen_len=4", "eval.fidelity.score_tokens=20", f"cache_dir={tmp_path}")
+    spec = make_spec("quant=fp16", "context.prompt_len=64", "context.gen_len=4", "eval.fidelity.score_tokens=20",
+                     f"cache_dir={tmp_path}")
     build = TrtllmEngine.plan(spec, trt_version="1.2.0", gpu_name=H100[0])["build_config"]
     assert (build["max_input_len"], build["max_seq_len"]) == (64 + 20, 64 + 20 + 1)  # fidelity's scored tokens fit
     spec = make_spec("quant=fp16", "engine.max_batch_size=16", f"cache_dir={tmp_path}")
@@ -170,7 +171,7 @@ def build_key(tmp_path, *overrides, version="1.2.0", gpu_name=H100[0]):
 def test_build_key_same_config_same_key(tmp_path):
     base = build_key(tmp_path)
     assert build_key(tmp_path) == base
-    assert build_key(tmp_path, "context.gen_len=16", "context.prompt_len=64") == base  # same values, given explicitly
+    assert build_key(tmp_path, "context.gen_len=32", "context.prompt_len=256") == base  # same values, given explicitly
     for unrelated in ("tracking.uri=sqlite:////tmp/other.db", "force=true", "engine.dry_run=true", "eval.limit=3",
                       f"cache_dir={tmp_path / 'elsewhere'}", "engine.bench_mode=throughput"):
         assert build_key(tmp_path, unrelated) == base, unrelated
@@ -375,16 +376,16 @@ def fake_engine(tmp_path, *overrides, **fake):
 
 
 def test_continuation_logprobs_slice_and_truncate(tmp_path, caplog):
-    engine = fake_engine(tmp_path)  # smoke: max_input_len = 64 + 16
-    requests = [([1, 2, 3], [4, 5]), (list(range(1, 101)), [9])]
+    engine = fake_engine(tmp_path)  # smoke: max_input_len = 256 + 32
+    requests = [([1, 2, 3], [4, 5]), (list(range(1, 301)), [9])]
     out = engine.continuation_logprobs(requests, kv_faithful=True)
     engine.continuation_logprobs(requests, kv_faithful=True)
     assert engine.llm.params[0] == {"max_tokens": 1, "temperature": 0.0, "return_context_logits": True,
                                     "detokenize": False}
     expect = torch.log_softmax(engine.llm.logits([1, 2, 3, 4, 5])[2:4], -1)
     torch.testing.assert_close(out[0], expect)
-    kept = (list(range(1, 101)) + [9])[-80:]  # left-truncated to max_input_len, continuation kept
-    torch.testing.assert_close(out[1], torch.log_softmax(engine.llm.logits(kept)[78:79], -1))
+    kept = (list(range(1, 301)) + [9])[-288:]  # left-truncated to max_input_len, continuation kept
+    torch.testing.assert_close(out[1], torch.log_softmax(engine.llm.logits(kept)[286:287], -1))
     assert [r.message for r in caplog.records].count(
         "engine=trtllm: kv_faithful scoring is not available; scoring in one prefill pass, which does not read "
         "the quantized KV cache") == 1

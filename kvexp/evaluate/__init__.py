@@ -1,0 +1,1 @@
+"""Accuracy: lm-eval through any kvexp Engine (lm_adapter), the offline task suite (tasks), scores (accuracy)."""
