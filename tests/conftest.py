@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported: without a GPU its kernels run in the interpreter (tests only)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -54,3 +58,19 @@ def build_engine(*overrides: str):
     engine = engine_class(spec.engine_options.name)(spec)
     engine.build()
     return engine
+
+
+def save_checkpoint(model_cls, config, path):
+    """A random HF checkpoint with weights ~N(0, 0.2): peaked, order-sensitive outputs (the default init's are
+    near uniform, where numerical differences hide), plus the builtin tokenizer. Returns the HF model."""
+    from kvexp.checkpoint import train_tokenizer
+
+    torch.manual_seed(0)
+    model = model_cls(config).float()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    train_tokenizer(config.vocab_size).save_pretrained(path)
+    return model.eval()

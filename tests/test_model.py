@@ -5,21 +5,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from conftest import build_engine
-from kvexp.checkpoint import train_tokenizer
+from conftest import build_engine, save_checkpoint
 from kvexp.engines.torch_engine.model import rope_inv_freq
-
-
-def _save(model_cls, config, path):
-    torch.manual_seed(0)
-    model = model_cls(config).float()
-    with torch.no_grad():  # larger weights than the default init: peaked, order-sensitive distributions
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.2)
-    model.save_pretrained(path)
-    train_tokenizer(config.vocab_size).save_pretrained(path)
-    return model.eval()
 
 
 def _hf_logprobs(model, ids):
@@ -42,7 +29,7 @@ ARCHS = {
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_logprobs_and_greedy_match_transformers(arch, tmp_path):
     cls, config = ARCHS[arch]
-    hf = _save(cls, config, tmp_path)
+    hf = save_checkpoint(cls, config, tmp_path)
     engine = build_engine(f"model.path={tmp_path}", "context.prompt_len=100", "context.gen_len=12")
     gen = torch.Generator().manual_seed(1)
     ctx = torch.randint(3, 512, (90,), generator=gen).tolist()

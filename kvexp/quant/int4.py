@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PREFILL_ROWS = 64  # above this many rows (tokens) a layer runs as a dense GEMM on dequantized weights
+
 
 def quantize_groups(w: torch.Tensor, amax: torch.Tensor, group: int) -> torch.Tensor:
     """w [N, K], amax [N, K/group] -> integer q [N, K] in [-8, 7] (as int8)."""
@@ -57,6 +59,20 @@ class Int4Linear(nn.Module):
         self.register_buffer("tg_weight", None)  # tinygemm layout, replaces qweight on CUDA
         self.register_buffer("tg_scales_zeros", None)
 
+    @classmethod
+    def concat(cls, layers: list["Int4Linear"]) -> Optional["Int4Linear"]:
+        """The layers' outputs side by side in one layer (before prepare_tinygemm), or None when their input
+        scales differ: AWQ smooths each layer's inputs with its own pre_scale."""
+        first = layers[0]
+        if any(m.qweight is None or m.group != first.group for m in layers):
+            return None
+        pres = [m.pre_scale for m in layers]
+        if any((p is None) != (pres[0] is None) or (p is not None and not torch.equal(p, pres[0])) for p in pres):
+            return None
+        bias = None if first.bias is None else torch.cat([m.bias for m in layers])
+        return cls(torch.cat([m.qweight for m in layers]), torch.cat([m.scales for m in layers]), first.group,
+                   pres[0], bias)
+
     def dequantize(self) -> torch.Tensor:
         q = unpack(self.qweight).float().reshape(self.out_features, -1, self.group)
         return (q * self.scales.float()[..., None]).reshape(self.out_features, self.in_features)
@@ -77,12 +93,20 @@ class Int4Linear(nn.Module):
         self.tg_weight, self.qweight = packed, None  # keep one copy of the weights on the device
         return True
 
+    def _tinygemm_dense(self) -> torch.Tensor:
+        """The dequantized weight [N, K] (bf16) from the tinygemm layout, the only copy kept on the device:
+        I_K @ W^T through the same kernel gives every weight exactly once (a transient K x K identity)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.tg_weight.device)
+        return torch.ops.aten._weight_int4pack_mm(eye, self.tg_weight, self.group, self.tg_scales_zeros).t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_scale is not None:
             x = x * self.pre_scale
         if self.tg_weight is not None:
-            y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, self.in_features), self.tg_weight, self.group,
-                                                   self.tg_scales_zeros)
+            rows = x.reshape(-1, self.in_features)
+            if rows.shape[0] > PREFILL_ROWS:  # prefill: one dense GEMM beats tinygemm's 16-row tiles by ~10x
+                return F.linear(x, self._tinygemm_dense(), self.bias)
+            y = torch.ops.aten._weight_int4pack_mm(rows, self.tg_weight, self.group, self.tg_scales_zeros)
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)

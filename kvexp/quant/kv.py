@@ -65,12 +65,17 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: KVFormat, dtype: torch
 
 
 class KVCache:
-    """Static, dense cache in the model dtype: what fp16/bf16 serving reads."""
+    """Static, dense cache in the model dtype: what fp16/bf16 serving reads.
+
+    fused_write: decode writes (one token per sequence) go through the fused Triton quantize-and-store kernel
+    (kvexp.kernels.kv_write), one launch per layer instead of ~10 small ones; same values as the torch path.
+    """
+    fmt_name = "dense"
 
     def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, fused_write: bool = False):
         self.layers, self.batch, self.kv_heads, self.max_len, self.head_dim = layers, batch, kv_heads, max_len, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.fused_write = dtype, torch.device(device), fused_write
         shape = (batch, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -80,8 +85,22 @@ class KVCache:
         """pos [B] start positions -> [B, n] absolute positions of n new tokens."""
         return pos[:, None] + torch.arange(n, device=pos.device)
 
+    def scales(self, layer: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return None, None
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """k, v [B, Hkv, n, D] written at positions pos[b] .. pos[b]+n-1 of each sequence."""
+        if self.fused_write and k.shape[2] == 1:
+            from kvexp.kernels.kv_write import write_kv
+
+            # one fresh [2, B, Hkv, D] tensor: k and v get identical strides (compiled ops may give size-1 dims
+            # of otherwise contiguous tensors any stride, and the kernel shares one set of strides)
+            kv = torch.stack((k[:, :, 0], v[:, :, 0]))
+            write_kv(kv[0], kv[1], self.k[layer], self.v[layer], *self.scales(layer), pos, self.fmt_name)
+            return
+        self._write(layer, k, v, pos)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         idx = self._index(pos, k.shape[2])[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
         self.k[layer].scatter_(2, idx, k.to(self.dtype))
         self.v[layer].scatter_(2, idx, v.to(self.dtype))
@@ -106,9 +125,10 @@ class QuantizedKVCache(KVCache):
 
     def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, fmt: KVFormat,
-                 static_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+                 static_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None, fused_write: bool = False):
         self.layers, self.batch, self.kv_heads, self.max_len, self.head_dim = layers, batch, kv_heads, max_len, head_dim
-        self.dtype, self.device, self.fmt = dtype, torch.device(device), fmt
+        self.dtype, self.device, self.fmt, self.fused_write = dtype, torch.device(device), fmt, fused_write
+        self.fmt_name = fmt.name
         width = head_dim // 2 if fmt.packed else head_dim
         shape = (batch, kv_heads, max_len, width)
         self.k = [torch.zeros(shape, dtype=fmt.storage, device=device) for _ in range(layers)]
@@ -129,7 +149,10 @@ class QuantizedKVCache(KVCache):
         scale = dynamic_scale(x, self.fmt)
         return quantize(x, scale, self.fmt), scale
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+    def scales(self, layer: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        return self.k_scale[layer], self.v_scale[layer]
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         n = k.shape[2]
         t = self._index(pos, n)[:, None, :].expand(-1, k.shape[1], -1)  # [B, Hkv, n]
         for values, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):

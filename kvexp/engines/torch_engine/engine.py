@@ -12,6 +12,7 @@ import torch
 
 from kvexp.checkpoint import check_context, read_model_config, resolve_model
 from kvexp.engines.base import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
+from kvexp.engines.torch_engine import fused
 from kvexp.engines.torch_engine.decode import DecodeLoop
 from kvexp.engines.torch_engine.model import ArchConfig, CausalLM, load_state
 from kvexp.errors import ConfigError, UnsupportedConfig
@@ -90,6 +91,11 @@ class TorchEngine(Engine):
         load_state(model, sorted(self.model_dir.glob("*.safetensors")), self.dtype, self.device)
         self.model = model.eval()
         metrics = self._quantize_weights()
+        self.model.fuse_projections()
+        if self.device.type == "cuda":
+            self.model.ops = fused.compiled()
+            metrics["quant.int4_fast_layers"] = sum(m.prepare_tinygemm() for m in self.model.modules()
+                                                    if isinstance(m, Int4Linear))
         self.kv_scales = None
         kv = self.spec.cfg.quant.kv_cache
         if kv.dtype != "auto" and kv.scale == "static":
@@ -110,8 +116,7 @@ class TorchEngine(Engine):
 
         path, seconds = int4_weights(self.spec, self.model_dir, self._tokenizer, self.device)
         swapped = swap_int4(self.model, path, w.group_size, self.dtype, self.device)
-        fast = sum(m.prepare_tinygemm() for m in self.model.modules() if isinstance(m, Int4Linear))
-        return {"quant.calib_s": seconds, "quant.int4_layers": swapped, "quant.int4_fast_layers": fast}
+        return {"quant.calib_s": seconds, "quant.int4_layers": swapped}
 
     def _decode_attention(self):
         """The fused Triton kernel on CUDA for the formats it reads; None = the PyTorch reference path."""
@@ -126,10 +131,11 @@ class TorchEngine(Engine):
 
         sm_scale = self.arch.head_dim ** -0.5
         name = "dense" if fmt == "auto" else fmt
+        if self.dtype not in (torch.float16, torch.bfloat16):
+            return None  # the kernels take 16-bit queries; float32 runs use the reference path
 
         def attend(q, cache, layer, lengths):
-            scales = (cache.k_scale[layer], cache.v_scale[layer]) if name != "dense" else (None, None)
-            return decode_attention(q, cache.k[layer], cache.v[layer], *scales, lengths, sm_scale, name)
+            return decode_attention(q, cache.k[layer], cache.v[layer], *cache.scales(layer), lengths, sm_scale, name)
 
         return attend
 
@@ -145,9 +151,10 @@ class TorchEngine(Engine):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         a, kv = self.arch, self.spec.cfg.quant.kv_cache
         args = (a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, self.dtype, self.device)
+        fused = self.model.decode_attn is not None  # the Triton path: its fused write kernel too
         if kv.dtype == "auto":
-            return KVCache(*args)
-        return QuantizedKVCache(*args, fmt=FORMATS[kv.dtype], static_scales=self.kv_scales)
+            return KVCache(*args, fused_write=fused)
+        return QuantizedKVCache(*args, fmt=FORMATS[kv.dtype], static_scales=self.kv_scales, fused_write=fused)
 
     def _padded(self, seqs: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded [B, max_len] tokens and [B] lengths (causal attention never sees the padding)."""
@@ -226,11 +233,13 @@ class TorchEngine(Engine):
 
     # ---- memory ----
     def memory(self) -> MemoryReport:
-        tensors = [t for t in list(self.model.parameters()) + list(self.model.buffers()) if t is not self.model.inv_freq]
+        # one entry per storage: a tied embedding and output head are one tensor, counted once
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in list(self.model.parameters()) + list(self.model.buffers()) if t is not self.model.inv_freq}
         probe = self.new_cache(1, 16)  # bytes/token are measured from real cache tensors, not assumed
         peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        return MemoryReport(weight_bytes=sum(t.numel() * t.element_size() for t in tensors),
+        return MemoryReport(weight_bytes=sum(storages.values()),
                             kv_bytes_per_token=probe.bytes_per_token(),
                             kv_bytes_per_token_formula=probe.formula_bytes_per_token(), peak_bytes=int(peak))
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvexp.engines.torch_engine import fused
 from kvexp.errors import UnsupportedConfig
 
 
@@ -85,22 +87,24 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # float32 statistics, as HF does, so fp32 results match to rounding
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, n, D]; cos/sin [B, 1, n, D] (HF's rotate-half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), -1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
-
 
 # decode_attn(q [B, Hq, D], cache, layer, lengths [B] int32) -> [B, Hq, D]: one new token per sequence
 DecodeAttention = Callable[[torch.Tensor, object, int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Step:
+    """What every layer needs for one forward: RoPE tables [B, 1, n, D], the cache, start positions pos [B],
+    valid cache lengths after the write [B] int32 (extend mode), the mode, and the op implementations."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cache: object
+    pos: torch.Tensor
+    lengths: Optional[torch.Tensor]
+    mode: str
+    decode_attn: Optional[DecodeAttention]
+    observer: Optional[Callable]
+    ops: SimpleNamespace
 
 
 class Attention(nn.Module):
@@ -111,26 +115,25 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=False)
+        self.qkv: Optional[nn.Module] = None  # q|k|v in one matrix, after fuse_projections()
 
-    def forward(self, x, cos, sin, cache, pos, lengths, mode, decode_attn: Optional[DecodeAttention], observer):
+    def forward(self, x: torch.Tensor, s: Step) -> torch.Tensor:
         B, n, _ = x.shape
         a = self.a
-        q = self.q_proj(x).view(B, n, a.num_heads, a.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, n, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, n, a.num_kv_heads, a.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if observer is not None:
-            observer(self.layer, k, v)
-        if mode == "extend":
-            cache.write(self.layer, k, v, pos)
-            if n == 1 and decode_attn is not None:
-                out = decode_attn(q[:, :, 0], cache, self.layer, lengths)[:, :, None]
+        qkv = self.qkv(x) if self.qkv is not None else torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), -1)
+        q, k, v = s.ops.split_heads(qkv, a.num_heads, a.num_kv_heads, a.head_dim, s.cos, s.sin)
+        if s.observer is not None:
+            s.observer(self.layer, k, v)
+        if s.mode == "extend":
+            s.cache.write(self.layer, k, v, s.pos)
+            if n == 1 and s.decode_attn is not None:
+                out = s.decode_attn(q[:, :, 0], s.cache, self.layer, s.lengths)[:, :, None]
             else:
-                out = self._attend_cache(q, cache, pos)
+                out = self._attend_cache(q, s.cache, s.pos)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            if cache is not None:
-                cache.write(self.layer, k, v, pos)
+            if s.cache is not None:
+                s.cache.write(self.layer, k, v, s.pos)
         return self.o_proj(out.transpose(1, 2).reshape(B, n, -1))
 
     def _attend_cache(self, q, cache, pos):
@@ -151,9 +154,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=False)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=False)
+        self.gate_up: Optional[nn.Module] = None  # gate|up in one matrix, after fuse_projections()
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, ops):
+        gate_up = self.gate_up(x) if self.gate_up is not None else torch.cat((self.gate_proj(x), self.up_proj(x)), -1)
+        return self.down_proj(ops.silu_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -164,9 +169,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_eps)
 
-    def forward(self, x, *attn_args):
-        x = x + self.self_attn(self.input_layernorm(x), *attn_args)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, residual, delta, s: Step):
+        """The stream is residual + delta; the add is fused into the norm that reads it. Returns the same pair."""
+        norm = self.input_layernorm
+        if delta is None:
+            h = s.ops.rms_norm(residual, norm.weight, norm.eps)
+        else:
+            residual, h = s.ops.add_rms_norm(residual, delta, norm.weight, norm.eps)
+        norm = self.post_attention_layernorm
+        residual, h = s.ops.add_rms_norm(residual, self.self_attn(h, s), norm.weight, norm.eps)
+        return residual, self.mlp(h, s.ops)
 
 
 class Backbone(nn.Module):
@@ -186,6 +198,18 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", torch.tensor(a.inv_freq, dtype=torch.float32), persistent=False)
         self.decode_attn: Optional[DecodeAttention] = None  # set by the engine (Triton kernel on CUDA)
         self.observer = None  # set during KV-scale calibration: observer(layer, k, v)
+        self.ops = fused.EAGER  # fused.compiled() on CUDA
+
+    def fuse_projections(self) -> None:
+        """q|k|v and gate|up as one matrix each: fewer, larger matrix-vector products per decode step."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv = fused.concat_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+            if attn.qkv is not None:
+                del attn.q_proj, attn.k_proj, attn.v_proj
+            mlp.gate_up = fused.concat_linears([mlp.gate_proj, mlp.up_proj])
+            if mlp.gate_up is not None:
+                del mlp.gate_proj, mlp.up_proj
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache=None, mode: str = "none") -> torch.Tensor:
         """tokens [B, n] at positions pos[b] + j -> final hidden states [B, n, hidden] (apply lm_head to the
@@ -194,12 +218,13 @@ class CausalLM(nn.Module):
         positions = (pos[:, None] + torch.arange(n, device=tokens.device)).float()  # [B, n]
         freqs = positions[..., None] * self.inv_freq  # [B, n, D/2]
         emb = torch.cat((freqs, freqs), -1)[:, None]  # [B, 1, n, D]
-        cos, sin = emb.cos(), emb.sin()
         lengths = (pos + n).to(torch.int32) if mode == "extend" else None  # valid cache length after the write
-        x = self.model.embed_tokens(tokens)
+        step = Step(emb.cos(), emb.sin(), cache, pos, lengths, mode, self.decode_attn, self.observer, self.ops)
+        residual, delta = self.model.embed_tokens(tokens), None
         for layer in self.model.layers:
-            x = layer(x, cos, sin, cache, pos, lengths, mode, self.decode_attn, self.observer)
-        return self.model.norm(x)
+            residual, delta = layer(residual, delta, step)
+        norm = self.model.norm
+        return self.ops.add_rms_norm(residual, delta, norm.weight, norm.eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

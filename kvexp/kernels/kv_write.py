@@ -1,0 +1,160 @@
+"""Fused quantize-and-store of the one new token per sequence that each decode step appends to the cache.
+
+One launch writes K and V of every (sequence, kv head): dynamic formats compute the per-(token, head)
+scale amax / qmax, round it to the stored bfloat16 and quantize with that stored value, exactly as
+kvexp.quant.kv.QuantizedKVCache.write does (the reference these kernels are tested bit-exact against).
+
+Rounding is done with exact integer and floor arithmetic instead of Triton's float casts: the result
+is then the same under every lowering (PTX cvt.rn, Triton's CPU interpreter, whose casts truncate) and
+equals torch's round-half-to-even. Divisions use tl.div_rn, IEEE division as in torch, because Triton's
+plain `/` on fp32 lowers to the approximate div.full.f32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kvexp.kernels import require_triton
+from kvexp.quant.kv import FORMATS
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: keep this module importable, calls fail with how to install
+    from kvexp.kernels import _MissingTriton as triton, _MissingTriton as tl
+
+KERNEL_FORMATS = ("dense", "int8", "fp8")
+MODEL_DTYPES = (torch.float16, torch.bfloat16)
+# Scale layouts, told apart by ndim: none (dense), dynamic [B, Hkv, Tmax] bf16, static [Hkv] fp32.
+NO_SCALE, DYNAMIC, STATIC = 0, 1, 2
+
+
+@triton.jit
+def _round_half_even(y):
+    """fp32 -> nearest integer as fp32, ties to even (torch.round). Exact: y - floor(y) is exact in fp32."""
+    f = tl.floor(y)
+    frac = y - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    return f + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """Positive finite fp32 -> the nearest bfloat16 value (ties to even), still held in fp32."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_to_e4m3(y):
+    """fp32 in [-448, 448] -> the nearest float8_e4m3fn value (ties to even), still held in fp32.
+
+    e4m3 keeps 3 mantissa bits, so its spacing in [2^e, 2^(e+1)) is 2^(e-3); below the smallest normal
+    2^-6 it is the subnormal step 2^-9. Dividing |y| by that power of two is exact, so rounding the
+    quotient to an integer is the whole job and the final cast to fp8 is exact. The sign is put back as
+    a bit because torch keeps it on values that round to zero (-0.0 is 0x80).
+    """
+    bits = y.to(tl.int32, bitcast=True)
+    step_exp = tl.maximum((bits >> 23) & 0xFF, 127 - 6) - 3
+    step = (step_exp << 23).to(tl.float32, bitcast=True)
+    magnitude = _round_half_even(tl.div_rn(tl.abs(y), step)) * step
+    return (magnitude.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_store(src, src_off, dst, dst_off, scale_ptr, scale_off, IS_FP8: tl.constexpr,
+                    QMAX: tl.constexpr, SCALES: tl.constexpr):
+    """Quantize the [D] vector at src + src_off into dst + dst_off; dynamic: also store its scale."""
+    x = tl.load(src + src_off).to(tl.float32)
+    if SCALES == 1:
+        amax = tl.maximum(tl.max(tl.abs(x), 0), 1e-6)
+        scale = _round_to_bf16(tl.div_rn(amax, QMAX))
+        tl.store(scale_ptr + scale_off, scale.to(tl.bfloat16))  # exact: scale is a bf16 value
+    else:
+        scale = tl.load(scale_ptr + scale_off)
+    y = tl.div_rn(x, tl.zeros_like(x) + scale)
+    if IS_FP8:
+        y = _round_to_e4m3(tl.minimum(tl.maximum(y, -QMAX), QMAX))
+        tl.store(dst + dst_off, y.to(tl.float8e4nv))
+    else:
+        y = tl.minimum(tl.maximum(_round_half_even(y), -QMAX), QMAX)
+        tl.store(dst + dst_off, y.to(tl.int8))
+
+
+@triton.jit
+def _write_kv_kernel(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
+                     s_nb, s_nh, s_nd, s_cb, s_ch, s_ct, s_cd, s_sb, s_sh, s_st,
+                     D: tl.constexpr, SCALES: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
+    """Grid (B, Hkv): one program stores K and V of one (sequence, kv head) at cache position pos[b].
+    k_new/v_new share strides s_n*, k_cache/v_cache share s_c*, dynamic k_scale/v_scale share s_s*."""
+    b = tl.program_id(0).to(tl.int64)  # int64: cache offsets pass 2^31 at long context
+    h = tl.program_id(1).to(tl.int64)
+    t = tl.load(pos + b).to(tl.int64)
+    d = tl.arange(0, D)
+    src = b * s_nb + h * s_nh + d * s_nd
+    dst = b * s_cb + h * s_ch + t * s_ct + d * s_cd
+    if SCALES == 0:
+        tl.store(k_cache + dst, tl.load(k_new + src))
+        tl.store(v_cache + dst, tl.load(v_new + src))
+    else:
+        scale_off = b * s_sb + h * s_sh + t * s_st  # static scales come with s_sb = s_st = 0
+        _quantize_store(k_new, src, k_cache, dst, k_scale, scale_off, IS_FP8, QMAX, SCALES)
+        _quantize_store(v_new, src, v_cache, dst, v_scale, scale_off, IS_FP8, QMAX, SCALES)
+
+
+def scale_mode(fmt: str, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], hkv: int) -> int:
+    """Validate the scale tensors of `fmt` and return NO_SCALE, DYNAMIC or STATIC."""
+    if fmt not in KERNEL_FORMATS:
+        raise ValueError(f"fmt must be one of {KERNEL_FORMATS}, got {fmt!r}")
+    if fmt == "dense":
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("fmt 'dense' takes no scales: pass k_scale=v_scale=None")
+        return NO_SCALE
+    if k_scale is None or v_scale is None or k_scale.ndim not in (1, 3) or k_scale.stride() != v_scale.stride():
+        raise ValueError("k_scale/v_scale must both be dynamic [B, Hkv, Tmax] bfloat16 or static [Hkv] float32, "
+                         "of one layout")
+    if k_scale.ndim == 1:
+        if k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32 or k_scale.shape != (hkv,):
+            raise ValueError(f"static scales must be [Hkv]=[{hkv}] float32, got {tuple(k_scale.shape)} {k_scale.dtype}")
+        return STATIC
+    if k_scale.dtype != torch.bfloat16 or v_scale.dtype != torch.bfloat16:
+        raise ValueError(f"dynamic scales must be bfloat16 [B, Hkv, Tmax], got {k_scale.dtype}")
+    return DYNAMIC
+
+
+def scale_strides(mode: int, k_scale: Optional[torch.Tensor]) -> tuple[int, int, int]:
+    """(b, h, t) element strides of the scales; static [Hkv] scales broadcast over b and t."""
+    if mode == DYNAMIC:
+        return k_scale.stride()
+    return (0, k_scale.stride(0), 0) if mode == STATIC else (0, 0, 0)
+
+
+def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], pos: torch.Tensor, fmt: str) -> None:
+    """Quantize and store one new token per sequence, in place, in one launch (CUDA-graph capturable).
+
+    k_new, v_new: [B, Hkv, D] float16/bfloat16 (the model dtype; dense caches must have the same dtype).
+    k_cache, v_cache: [B, Hkv, Tmax, D] of one layer: the model dtype ("dense"), int8 or float8_e4m3fn.
+    k_scale, v_scale: None ("dense"), dynamic [B, Hkv, Tmax] bfloat16 (written here at pos), or static
+        [Hkv] float32 (read only). pos: [B] int32/int64 device tensor, the cache position to write.
+    Same values as kvexp.quant.kv.KVCache.write / QuantizedKVCache.write with n = 1.
+    """
+    mode = scale_mode(fmt, k_scale, v_scale, k_cache.shape[1])
+    B, hkv, D = k_new.shape
+    if k_new.dtype not in MODEL_DTYPES or k_new.shape != v_new.shape or k_new.stride() != v_new.stride():
+        raise ValueError(f"k_new/v_new must be [B, Hkv, D] float16/bfloat16 of one layout, got {k_new.dtype}")
+    storage = k_new.dtype if fmt == "dense" else FORMATS[fmt].storage
+    if k_cache.dtype != storage or v_cache.dtype != storage or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"fmt {fmt!r} with {k_new.dtype} inputs needs {storage} caches of one layout")
+    if tuple(k_cache.shape[:2]) != (B, hkv) or k_cache.shape[3] != D or D & (D - 1) or pos.shape != (B,):
+        raise ValueError(f"shapes: k_new {tuple(k_new.shape)}, k_cache {tuple(k_cache.shape)}, pos {tuple(pos.shape)}"
+                         " must be [B, Hkv, D], [B, Hkv, Tmax, D] (D a power of two), [B]")
+    require_triton(triton, k_new, _write_kv_kernel)
+    _write_kv_kernel[(B, hkv)](
+        k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
+        *k_new.stride(), *k_cache.stride(), *scale_strides(mode, k_scale),
+        D=D, SCALES=mode, IS_FP8=fmt == "fp8", QMAX=FORMATS[fmt].qmax if mode else 0.0,
+        num_warps=1 if D <= 128 else 2)
+
