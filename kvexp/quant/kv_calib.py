@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 from kvexp.quant.kv import FORMATS
 from kvexp.quant.weights import artifact_path
@@ -27,7 +28,7 @@ def kv_amax(model, batches: list[torch.Tensor], device: torch.device) -> tuple[t
 
     model.observer = observe
     try:
-        for b in batches:
+        for b in tqdm(batches, desc="KV scale calibration", unit="batch", leave=False):
             b = b.to(device)
             model(b, torch.zeros(b.shape[0], dtype=torch.long, device=device))
     finally:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from kvexp.quant.int4 import Int4Linear, pack, quantize_groups, rtn_quantize
 
@@ -88,9 +89,9 @@ def _awq(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dic
     log.info("AWQ calibration (ModelOpt INT4_AWQ_CFG, group %d) on %d x %d tokens", group, len(batches),
              batches[0].shape[1])
 
-    def forward_loop(m):
+    def forward_loop(m):  # ModelOpt calls it once per AWQ pass (statistics, then the scale search)
         with torch.no_grad():
-            for b in batches:
+            for b in tqdm(batches, desc="AWQ calibration", unit="batch", leave=False):
                 m(b.to(device))
 
     mtq.quantize(model, cfg, forward_loop)
