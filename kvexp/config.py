@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvexp.errors import ConfigError
+from kvexp.errors import ConfigError, UnsupportedConfig
 
 
 @dataclass
@@ -93,6 +93,7 @@ class BenchConfig:
     batch_size: int = 1
     warmup: int = 2
     iters: int = 5
+    profile: str = "none"  # none | torch | ncu | nsys: a kernel-by-kernel profile after the timings (bench/profile.py)
 
 
 @dataclass
@@ -130,6 +131,7 @@ CHOICES = {
     "quant.kv_cache.scale": ("dynamic", "static"),
     "quant.kv_cache.granularity": ("token", "head", "tensor"),
     "eval.kv_faithful": ("auto", "on", "off"),
+    "bench.profile": ("none", "torch", "ncu", "nsys"),
 }
 POSITIVE = (
     "context.prompt_len", "context.gen_len", "quant.weights.group_size", "quant.calib.num_samples",
@@ -213,6 +215,12 @@ def validate(cfg: DictConfig) -> RunSpec:
     typed: KvexpConfig = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
     spec = RunSpec(cfg=typed, engine_options=options, config_hash=config_hash(cfg))
     cls.check_supported(spec)
+    if typed.bench.profile != "none":
+        from kvexp.bench.profile import require_tool
+
+        if options.name != "torch":
+            raise UnsupportedConfig(f"bench.profile={typed.bench.profile}: profiles kvexp's own engine; use engine=torch")
+        require_tool(typed.bench.profile)
     from kvexp.checkpoint import check_model  # local paths and cached Hub configs only: no download
     from kvexp.evaluate.accuracy import check_tasks  # task names, before any model is built
 
