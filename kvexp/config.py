@@ -220,7 +220,8 @@ def validate(cfg: DictConfig) -> RunSpec:
 
         if options.name != "torch":
             raise UnsupportedConfig(f"bench.profile={typed.bench.profile}: profiles kvexp's own engine; use engine=torch")
-        require_tool(typed.bench.profile)
+        if typed.bench.profile in ("ncu", "nsys"):
+            require_tool(typed.bench.profile)
     from kvexp.checkpoint import check_model  # local paths and cached Hub configs only: no download
     from kvexp.evaluate.accuracy import check_tasks  # task names, before any model is built
 
