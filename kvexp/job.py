@@ -1,7 +1,9 @@
 """One job of a sweep: a tracked run through the stages build -> fidelity -> accuracy -> bench.
 
 Each stage's metrics are logged as soon as it ends, so a later failure loses nothing already measured.
-A failing job ends its run FAILED with the traceback as an artifact and returns; the sweep goes on.
+A failing job ends its run FAILED with the traceback as an artifact and returns; the sweep goes on. Ctrl-C ends
+it KILLED. A run left RUNNING by a killed process is marked KILLED by the next job with its config hash, which
+then runs it again.
 """
 from __future__ import annotations
 
@@ -17,19 +19,22 @@ from omegaconf import OmegaConf
 from kvexp.bench import perf
 from kvexp.config import RunSpec, canonical
 from kvexp.engines import engine_class
-from kvexp.tracking import TAG, Tracker, device_name, flatten, git_commit, library_versions
+from kvexp.tracking import TAG, Tracker, device_name, flatten, git_commit, library_versions, scrub
 
 log = logging.getLogger("kvexp")
 PARENT_ENV = "KVEXP_PARENT_RUN_ID"  # set by the sweep's entry point; jobs (in any process) nest under it
 SWEEP_ENV = "KVEXP_SWEEP_ID"
 JOBS_ENV = "KVEXP_SWEEP_JOBS"
+STAGE_TAG = TAG + "stage"  # the stage a job is in: a FAILED or KILLED run's says where it stopped
+LOADING_STAGES = ("reference", "build")  # the stages that read model.path's files
 
 
 def run_tags(spec: RunSpec, extra: Optional[dict] = None) -> dict[str, str]:
     c = spec.cfg
     tags = {"config_hash": spec.config_hash, "model": c.model.name, "model_path": c.model.path, "quant": c.quant.name,
             "engine": spec.engine_options.name, "context": c.context.name, "git_commit": git_commit(),
-            "versions": str(library_versions()), "device": device_name(), "sweep_id": os.environ.get(SWEEP_ENV, "")}
+            "versions": str(library_versions()), "device": device_name(), "sweep_id": os.environ.get(SWEEP_ENV, ""),
+            "stage": "setup"}
     return {TAG + k: str(v) for k, v in (tags | (extra or {})).items()}
 
 
@@ -42,31 +47,37 @@ def run_job(spec: RunSpec, resolved_yaml: str, overrides: list[str], out_dir: Pa
             extra_tags: Optional[dict] = None) -> str:
     """Returns the run's final status: FINISHED, FAILED or SKIPPED (a FINISHED run with this hash exists)."""
     tracker = Tracker(spec.cfg.tracking.uri, spec.cfg.tracking.experiment)
+    for run, reason in tracker.reap_stale(tracker.running(f"tags.`{TAG}config_hash` = '{spec.config_hash}'")):
+        log.warning("run %s (%s) was left RUNNING: marked KILLED (%s); running the job again", run.info.run_id,
+                    run.info.run_name, reason)
     if not spec.cfg.force and (prev := tracker.find_finished(spec.config_hash)) is not None:
         log.info("skip %s: run %s already FINISHED with config hash %s (force=true re-runs it)",
                  run_name(spec), prev.info.run_id, spec.config_hash[:12])
         return "SKIPPED"
     run_id = tracker.start_run(run_name(spec), run_tags(spec, extra_tags), parent=os.environ.get(PARENT_ENV))
-    tracker.log_params(run_id, flatten(canonical(OmegaConf.create(resolved_yaml))) | {"config_hash": spec.config_hash})
-    tracker.log_text(run_id, resolved_yaml, "config.yaml")
-    tracker.log_text(run_id, "\n".join(overrides) + "\n", "overrides.txt")
-    try:
+    try:  # from here on the run always ends: FINISHED, FAILED or KILLED, never left RUNNING
+        tracker.log_params(run_id, flatten(canonical(OmegaConf.create(resolved_yaml)))
+                           | {"config_hash": spec.config_hash})
+        tracker.log_text(run_id, resolved_yaml, "config.yaml")
+        tracker.log_text(run_id, "\n".join(overrides) + "\n", "overrides.txt")
         execute(spec, tracker, run_id, out_dir)
     except KeyboardInterrupt:
+        tracker.set_tags(run_id, {TAG + "killed_reason": "interrupted (Ctrl-C / SIGINT)"})
         tracker.end(run_id, "KILLED")
         raise
     except Exception as e:  # any failure ends this run, never the sweep
-        log.error("%s FAILED: %s: %s (traceback in the run's error.txt)", run_name(spec), type(e).__name__, e)
-        tracker.log_failure(run_id, e)
-        tracker.end(run_id, "FAILED")
+        log.error("%s FAILED: %s: %s (traceback in the run's error.txt)", run_name(spec), type(e).__name__,
+                  scrub(str(e)))
+        tracker.fail(run_id, e)
         return "FAILED"
     tracker.end(run_id, "FINISHED")
     return "FINISHED"
 
 
-def stage(name: str):
+def stage(tracker: Tracker, run_id: str, name: str, text: str = "") -> None:
+    tracker.set_tags(run_id, {STAGE_TAG: name})
     prefix = os.environ.get(JOBS_ENV, "")
-    log.info("%s%s", f"[{prefix}] " if prefix else "", name)
+    log.info("%s%s", f"[{prefix}] " if prefix else "", text or name)
 
 
 def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None:
@@ -76,15 +87,16 @@ def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = None
     if cfg.eval.fidelity.enabled:
-        stage("fidelity reference (fp16)")  # before the run's engine: one model on the device at a time
+        # before the run's engine: one model on the device at a time
+        stage(tracker, run_id, "reference", "fidelity reference (fp16)")
         ref = fidelity.reference(spec, device)
     engine = engine_class(spec.engine_options.name)(spec)
     try:
-        stage(f"build {run_name(spec)}")
+        stage(tracker, run_id, "build", f"build {run_name(spec)}")
         info = engine.build()
         tracker.log_metrics(run_id, {"build.s": info.build_s, **info.metrics})
         if cfg.eval.fidelity.enabled:
-            stage("fidelity vs fp16")
+            stage(tracker, run_id, "fidelity", "fidelity vs fp16")
             obs = fidelity.observe(engine, spec)
             if ref is None:
                 fidelity.save_reference(spec, device, obs)
@@ -93,7 +105,7 @@ def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None
         if cfg.eval.tasks:
             from kvexp.evaluate.accuracy import evaluate_accuracy
 
-            stage(f"accuracy: lm-eval {', '.join(cfg.eval.tasks)}")
+            stage(tracker, run_id, "accuracy", f"accuracy: lm-eval {', '.join(cfg.eval.tasks)}")
             acc_dir = out_dir / "lm_eval"
             acc_dir.mkdir(parents=True, exist_ok=True)
             try:
@@ -101,7 +113,7 @@ def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None
             finally:
                 tracker.log_artifact(run_id, acc_dir, "lm_eval")
         if cfg.bench.enabled:
-            stage("bench")
+            stage(tracker, run_id, "bench")
             start = time.perf_counter()
             tracker.log_metrics(run_id, perf.measure(engine, spec))
             log.info("bench done in %.1f s", time.perf_counter() - start)

@@ -1,7 +1,9 @@
 """Entry point: `python -m kvexp.run [-m] [group=option ...] [key=value ...]`.
 
 Thin on purpose: validate every job up front (kvexp.preflight), open the sweep's parent run, let Hydra run
-the jobs (kvexp.job), then report how many finished, failed or were skipped; the exit code says it too.
+the jobs (kvexp.job) with any launcher (hydra/launcher=kvexp_joblib, kvexp_slurm: conf/hydra/launcher), then report
+how many finished, failed or were skipped. Exit code: 0 every job finished (or was skipped), 1 a job failed or was
+killed, 2 bad input or an unreachable store (nothing ran), 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import sys
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,13 +24,14 @@ from kvexp import preflight
 from kvexp.config import validate
 from kvexp.engines import engine_class
 from kvexp.errors import KvexpError
-from kvexp.job import JOBS_ENV, PARENT_ENV, SWEEP_ENV, run_job
-from kvexp.tracking import TAG, Tracker
+from kvexp.job import JOBS_ENV, LOADING_STAGES, PARENT_ENV, STAGE_TAG, SWEEP_ENV, run_job
+from kvexp.tracking import TAG, Tracker, scrub
 
 log = logging.getLogger("kvexp")
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+# An absolute path: "../conf" would resolve against the package (pkg://kvexp) when main() is imported, not run
+@hydra.main(config_path=str(preflight.CONF_DIR), config_name="config", version_base="1.3")
 def hydra_job(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
     total = os.environ.get(JOBS_ENV + "_TOTAL")
@@ -36,16 +40,65 @@ def hydra_job(cfg: DictConfig) -> str:
     return run_job(validate(cfg), OmegaConf.to_yaml(cfg), list(hc.overrides.task), Path(hc.runtime.output_dir))
 
 
-def summarize(tracker: Tracker, sweep_id: str, jobs: int) -> Counter:
+def summarize(tracker: Tracker, sweep_id: str, jobs: int, stopped: Optional[str]) -> Counter:
     runs = tracker.sweep_runs(sweep_id)
     counts = Counter(r.info.status for r in runs)
-    counts["SKIPPED"] = jobs - len(runs)
     for r in runs:
         if r.info.status == "FAILED":
-            print(f"FAILED {r.info.run_name}: {r.data.tags.get(TAG + 'error', '?')}", file=sys.stderr)
-    print(f"kvexp: {jobs} job(s): {counts['FINISHED']} finished, {counts['FAILED']} failed, "
-          f"{counts['SKIPPED']} skipped (already finished; force=true re-runs); store: {tracker.uri}")
+            print(f"kvexp: error: {failure(r.info.run_name, r.data.tags)}", file=sys.stderr)
+    rest = jobs - len(runs)  # jobs with no run of this command: skipped, or never started if the sweep stopped
+    rest_text = f"{rest} not run (the sweep stopped)" if stopped else \
+        f"{rest} skipped (already finished; force=true re-runs)"
+    killed = f", {counts['KILLED']} killed" if counts["KILLED"] else ""
+    print(f"kvexp: {jobs} job(s): {counts['FINISHED']} finished, {counts['FAILED']} failed, {rest_text}{killed}; "
+          f"store: {tracker.shown_uri}")
     return counts
+
+
+def failure(name: str, tags: dict[str, str]) -> str:
+    """One line: the job, the stage it failed in (with model.path where that stage reads it), the error."""
+    where = tags.get(STAGE_TAG, "?")
+    if where in LOADING_STAGES:
+        where += f" of model.path={tags.get(TAG + 'model_path')}"
+    error = (tags.get(TAG + "error") or "?").splitlines()[0]
+    return f"job {name} FAILED in {where}: {error} (traceback: the run's error.txt)"
+
+
+def open_store(plan: preflight.Plan) -> Tracker:
+    """The sweep's store, reachable, with the runs that killed processes left RUNNING marked KILLED."""
+    tracker = Tracker(plan.specs[0].cfg.tracking.uri, plan.specs[0].cfg.tracking.experiment)
+    tracker.prepare()
+    for run, reason in tracker.reap_stale(tracker.running()):
+        print(f"kvexp: note: run {run.info.run_name} ({run.info.run_id}) was left RUNNING: marked KILLED ({reason})")
+    return tracker
+
+
+def launch() -> Optional[str]:
+    """Let Hydra run every job; None if it did, else why it stopped: "interrupted" (Ctrl-C) or "error"."""
+    try:
+        hydra_job()
+    except KeyboardInterrupt:
+        return "interrupted"
+    except SystemExit as e:  # Hydra exits on its own errors (already printed) and on a job process that died
+        if e.code not in (0, None):
+            return "error"
+    except Exception as e:  # Hydra raises some command-line errors itself (e.g. -m with --cfg)
+        print(f"kvexp: error: {type(e).__name__}: {scrub(str(e).splitlines()[0] if str(e) else '')}", file=sys.stderr)
+        return "error"
+    return None
+
+
+def finish(tracker: Tracker, sweep_id: str, parent: Optional[str], jobs: int, stopped: Optional[str]) -> int:
+    """End what the jobs could not (a run whose process died or was interrupted), report, close the parent run."""
+    tracker.reap_stale(r for r in tracker.sweep_runs(sweep_id) if r.info.status == "RUNNING")
+    counts = summarize(tracker, sweep_id, jobs, stopped)
+    if stopped == "interrupted":
+        print("kvexp: interrupted; the runs in progress were marked KILLED" + (", the sweep's too" if parent else ""),
+              file=sys.stderr)
+    failed = counts["FAILED"] + counts["KILLED"] > 0 or stopped is not None
+    if parent:
+        tracker.end(parent, "KILLED" if stopped == "interrupted" else "FAILED" if failed else "FINISHED")
+    return 130 if stopped == "interrupted" else 1 if failed else 0  # 130: the shell's code for SIGINT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,33 +110,19 @@ def main(argv: list[str] | None = None) -> int:
             for spec in dry:
                 print(json.dumps(engine_class(spec.engine_options.name).plan(spec), indent=2, default=str))
             return 0
-        tracker = Tracker(plan.specs[0].cfg.tracking.uri, plan.specs[0].cfg.tracking.experiment)
-        tracker.prepare()
+        tracker = open_store(plan)
     except KvexpError as e:
         print(f"kvexp: error: {e}", file=sys.stderr)
         return 2
     sweep_id = uuid.uuid4().hex
-    os.environ[SWEEP_ENV] = sweep_id
+    os.environ[SWEEP_ENV] = sweep_id  # environment, not globals: jobs may run in other processes (joblib, SLURM)
     parent = None
     if plan.multirun:
         os.environ[JOBS_ENV + "_TOTAL"] = str(len(plan.specs))
         parent = tracker.start_run(f"sweep-{sweep_id[:8]}", {TAG + "sweep_id": sweep_id, TAG + "sweep": "true",
                                                              TAG + "command": " ".join(argv)[:5000]})
         os.environ[PARENT_ENV] = parent
-    interrupted = False
-    try:
-        hydra_job()
-    except KeyboardInterrupt:
-        interrupted = True
-        print("kvexp: interrupted; the running job was marked KILLED", file=sys.stderr)
-    except SystemExit as e:  # Hydra exits on its own errors (already printed)
-        if e.code not in (0, None):
-            interrupted = True
-    counts = summarize(tracker, sweep_id, len(plan.specs))
-    failed = counts["FAILED"] + counts["KILLED"] > 0 or interrupted
-    if parent:
-        tracker.end(parent, "KILLED" if interrupted else "FAILED" if failed else "FINISHED")
-    return 1 if failed else 0
+    return finish(tracker, sweep_id, parent, len(plan.specs), launch())
 
 
 if __name__ == "__main__":

@@ -3,27 +3,133 @@
 Default store: sqlite:///<cwd>/mlruns/mlflow.db with artifacts under <cwd>/mlruns/artifacts (absolute URIs,
 FACTS.md). The schema and the experiment are created once, up front, under a file lock: parallel jobs
 racing on first-time sqlite creation corrupt it.
+
+Nothing is lost or half-written: every run records the process that owns it (kvexp.host, kvexp.pid), so a run left
+RUNNING by a killed process is found and marked KILLED (reap_stale); artifacts reach a local store through a temp
+file and a rename; and every value that goes to the store passes scrub(), which masks credentials.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
+import socket
 import subprocess
 import tempfile
 import traceback
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
+from urllib.parse import unquote, urlparse
 
+import psutil
 from filelock import FileLock
 
 from kvexp.errors import ConfigError
 
-logging.getLogger("alembic").setLevel(logging.WARNING)  # sqlite schema migrations log every step at INFO
+# A new sqlite store logs its schema creation, step by step, at INFO; stderr is for errors
+for _name in ("alembic", "mlflow.store.db.utils"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+log = logging.getLogger("kvexp")
 
 TAG = "kvexp."  # every kvexp tag starts with this
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM = 6000  # MLflow's limit on a param value
+PARTIAL = ".kvexp-partial-"  # an artifact being written; renamed to its real name only once complete
+HOST = socket.gethostname()
+# MLflow's REST client retries a refused connection 7 times with exponential backoff (~4 minutes): the first
+# contact with a server fails fast instead; later calls keep MLflow's retries, which ride out a server restart.
+FIRST_CONTACT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+# SQLAlchemy databases (a sqlite file by default), a tracking server, Databricks, and MLflow's file store (a file://
+# URI or a plain path, which MLflow >= 3.13 refuses itself unless MLFLOW_ALLOW_FILE_STORE=true: FACTS.md).
+STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file", "")
+
+# ---- secrets ----
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
+_SECRET_NAME = re.compile(r"(^|_)(TOKEN|PASSWORD|PASSWD|SECRET|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?|"
+                          r"CONNECTION_STRING)(_|$)", re.IGNORECASE)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
+MIN_SECRET_LEN = 8  # shorter values of such variables are flags ("1", "false"), and masking them would mangle text
+MASK = "***"
+
+
+def redact_uri(text: str) -> str:
+    """Mask the user:password@ part of every URI in text: postgresql://u:pw@db/x -> postgresql://***@db/x."""
+    return _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+
+
+def env_secrets() -> list[str]:
+    """Values of credential-like environment variables (HF_TOKEN, MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY)."""
+    # Names first, then .get(): MLflow's telemetry thread deletes variables, and os.environ.items() would then
+    # raise KeyError mid-iteration (list(os.environ) is atomic).
+    names = [k for k in list(os.environ) if _SECRET_NAME.search(k)]
+    values = {v for k in names if len(v := os.environ.get(k) or "") >= MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)  # longest first: one secret may contain another
+
+
+def scrub(text: str) -> str:
+    """text with URI credentials, Hugging Face tokens and the values of credential variables masked."""
+    text = _HF_TOKEN.sub(MASK, redact_uri(text))
+    for secret in env_secrets():
+        text = text.replace(secret, MASK)
+    return text
+
+
+def _scrub_bytes(data: bytes) -> bytes:
+    try:
+        return scrub(data.decode("utf-8")).encode("utf-8")
+    except UnicodeDecodeError:  # binary (a plot): kvexp never writes credentials into one
+        return data
+
+
+def _write_atomic(dest: Path, data: bytes) -> None:
+    """dest appears complete or not at all: written to a temp name beside it, synced, then renamed over it.
+    A process killed mid-write leaves a PARTIAL file (reap_stale removes it), never a truncated dest."""
+    tmp = dest.parent / f"{PARTIAL}{dest.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk often reports only here, with delayed allocation
+        os.replace(tmp, dest)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"could not write artifact {dest.name} to {dest.parent} ({e.strerror or e}); "
+                               "free space there or point tracking.uri at another store") from e
+
+
+@contextmanager
+def first_contact() -> Iterator[None]:
+    """FIRST_CONTACT_ENV for the duration, unless the user set those variables themselves."""
+    added = {k: v for k, v in FIRST_CONTACT_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _reason(exc: Exception) -> str:
+    """The cause in a few words: the OS error under MLflow's and urllib3's wrappers ("Connection refused")."""
+    text = scrub(str(exc))
+    errno_text = re.search(r"\[Errno -?\d+\] ([^\"')]+)", text)
+    if errno_text:
+        return errno_text.group(1).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def _local_dir(artifact_uri: str) -> Optional[Path]:
+    """The directory behind a file:// (or plain path) artifact URI; None for a remote one (s3://, mlflow-artifacts:)."""
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(artifact_uri) if parsed.scheme == "" else None
 
 
 def default_uri(root: Path | None = None) -> str:
@@ -51,6 +157,11 @@ class Tracker:
         self._experiment_id: Optional[str] = None
 
     @property
+    def shown_uri(self) -> str:
+        """The URI to print or log: without its user:password@ part."""
+        return redact_uri(self.uri)
+
+    @property
     def client(self):
         if self._client is None:
             from mlflow import MlflowClient
@@ -67,7 +178,11 @@ class Tracker:
         if self._experiment_id:
             return self._experiment_id
         if self.local:
-            self.store_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.store_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"tracking.uri={self.shown_uri}: cannot create {self.store_dir} ({e.strerror}); "
+                                  "point tracking.uri at a writable place") from e
             with FileLock(str(self.store_dir / ".kvexp.lock")):
                 self._experiment_id = self._get_or_create()
         else:
@@ -75,11 +190,18 @@ class Tracker:
         return self._experiment_id
 
     def _get_or_create(self) -> str:
+        scheme = urlparse(self.uri).scheme.split("+")[0]  # postgresql+psycopg2 -> postgresql
+        if scheme not in STORE_SCHEMES:
+            raise ConfigError(f"tracking.uri={self.shown_uri}: not an MLflow store kvexp supports; use "
+                              "sqlite:///<abs path>.db, http(s)://host:port (tracking=server) or postgresql://...")
         try:
-            exp = self.client.get_experiment_by_name(self.experiment)
+            with first_contact():
+                exp = self.client.get_experiment_by_name(self.experiment)
         except Exception as e:  # an unreachable server or unreadable store: one line, not a traceback
-            raise ConfigError(f"tracking.uri={self.uri}: cannot reach the MLflow store ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''})") from e
+            fix = "start the server (README, \"Tracking server\") or fix tracking.uri" if scheme.startswith("http") \
+                else "point tracking.uri at an MLflow store (default: sqlite:///<cwd>/mlruns/mlflow.db)"
+            raise ConfigError(f"tracking.uri={self.shown_uri}: cannot open the MLflow store ({_reason(e)}); {fix}") \
+                from e
         if exp is not None:
             return exp.experiment_id
         location = (self.store_dir / "artifacts" / self.experiment).as_uri() if self.local else None
@@ -87,13 +209,16 @@ class Tracker:
 
     # ---- runs ----
     def start_run(self, name: str, tags: dict[str, str], parent: Optional[str] = None) -> str:
-        tags = dict(tags) | ({PARENT_TAG: parent} if parent else {})
+        """A RUNNING run owned by this process (kvexp.host, kvexp.pid, kvexp.pid_start: what reap_stale checks)."""
+        owner = {TAG + "host": HOST, TAG + "pid": str(os.getpid()),
+                 TAG + "pid_start": repr(psutil.Process().create_time())}
+        tags = {k: scrub(v) for k, v in tags.items()} | owner | ({PARENT_TAG: parent} if parent else {})
         return self.client.create_run(self.prepare(), tags=tags, run_name=name).info.run_id
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k[:250], v) for k, v in params.items()]
+        items = [Param(k[:250], scrub(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(run_id, params=items[i:i + 100])
 
@@ -109,13 +234,27 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+            self.client.set_tag(run_id, key, scrub(value))
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: Optional[str] = None) -> None:
-        if Path(path).is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(run_id, str(path), artifact_path)
+        """A file as <artifact_path>/<name>, or a directory's files under <artifact_path>/, with text scrubbed.
+        A local store gets each file atomically (_write_atomic): MLflow copies a directory in place (copytree), so
+        a crash mid-copy would leave a truncated file under its real name."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no artifact to log at {path}")
+        files = {path.name: path} if path.is_file() else {
+            p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*")) if p.is_file()}
+        root = _local_dir(self.client.get_run(run_id).info.artifact_uri)
+        if root is not None:
+            for rel, src in files.items():
+                _write_atomic(root / (artifact_path or "") / rel, _scrub_bytes(src.read_bytes()))
+            return
+        with tempfile.TemporaryDirectory() as tmp:  # a remote store: upload scrubbed copies
+            for rel, src in files.items():
+                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / rel).write_bytes(_scrub_bytes(src.read_bytes()))
+            self.client.log_artifacts(run_id, tmp, artifact_path)
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -123,13 +262,37 @@ class Tracker:
             path.write_text(text)
             self.log_artifact(run_id, path)
 
-    def log_failure(self, run_id: str, exc: BaseException) -> None:
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        self.log_text(run_id, text, "error.txt")
-        self.set_tags(run_id, {TAG + "error": f"{type(exc).__name__}: {exc}"[:5000]})
+    def fail(self, run_id: str, exc: BaseException) -> None:
+        """End the run FAILED with its error as the kvexp.error tag and error.txt. The status is always set: the
+        traceback is best effort, since writing it fails the same way when the disk is full."""
+        try:
+            self.set_tags(run_id, {TAG + "error": f"{type(exc).__name__}: {exc}"[:5000]})
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            try:
+                self.log_text(run_id, text, "error.txt")
+            except OSError as e:
+                log.warning("run %s: no error.txt (%s)", run_id, e)
+        finally:
+            self.end(run_id, "FAILED")
 
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def reap_stale(self, runs: Iterable) -> list[tuple[Any, str]]:
+        """Mark KILLED those of runs (RUNNING ones) whose process is gone, with a kvexp.killed_reason tag; return
+        (run, reason) for each. Only runs started on this host are judged: other hosts' processes are not visible."""
+        reaped = []
+        for run in runs:
+            reason = stale_reason(run.data.tags) if run.info.status == "RUNNING" else None
+            if reason is None:
+                continue
+            self.set_tags(run.info.run_id, {TAG + "killed_reason": reason})
+            root = _local_dir(run.info.artifact_uri)
+            for partial in root.rglob(PARTIAL + "*") if root and root.is_dir() else ():
+                partial.unlink(missing_ok=True)
+            self.end(run.info.run_id, "KILLED")
+            reaped.append((run, reason))
+        return reaped
 
     # ---- look-ups ----
     def search(self, filters: Iterable[str] = (), max_results: int = 1000) -> list:
@@ -141,10 +304,31 @@ class Tracker:
         runs = self.search([f"tags.`{TAG}config_hash` = '{config_hash}'", "attributes.status = 'FINISHED'"])
         return runs[0] if runs else None
 
+    def running(self, *filters: str) -> list:
+        return self.search(["attributes.status = 'RUNNING'", *filters], max_results=50_000)
+
     def sweep_runs(self, sweep_id: str) -> list:
         """The job runs of one command (not the sweep's parent run)."""
         return [r for r in self.search([f"tags.`{TAG}sweep_id` = '{sweep_id}'"])
                 if r.data.tags.get(TAG + "sweep") != "true"]
+
+
+def stale_reason(tags: dict[str, str]) -> Optional[str]:
+    """Why the process that started a run can no longer end it, or None if it may still be running (or ran on
+    another host, or before kvexp recorded owners). This process counts as gone: it asks only between jobs."""
+    host, pid, started = tags.get(TAG + "host"), tags.get(TAG + "pid"), tags.get(TAG + "pid_start")
+    if host != HOST or not pid:
+        return None
+    owner = f"process {pid} on {host}"
+    if int(pid) == os.getpid():
+        return f"{owner} (this one) left its job without ending the run"
+    try:
+        created = psutil.Process(int(pid)).create_time()
+    except psutil.NoSuchProcess:
+        return f"{owner} is gone (killed or crashed)"
+    if started and abs(created - float(started)) > 1:  # the pid now belongs to a newer process
+        return f"{owner} is gone (its pid now belongs to another process)"
+    return None
 
 
 def git_commit() -> str:

@@ -1,0 +1,101 @@
+"""Bad input, one table: each case is one `kvexp: error:` line on stderr, a non-zero exit, and no half-written run.
+
+Exit 2: rejected before anything ran (no store is even created). Exit 1: the job ran and failed; its run is FAILED
+with its error, never left RUNNING.
+"""
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import make_spec
+
+from kvexp.tracking import TAG, Tracker
+
+FAST = ["experiment=smoke", "eval=none", "eval.fidelity.enabled=false", "bench=none"]
+RUN = "import sys\nfrom kvexp.run import main\nsys.exit(main(sys.argv[1:]))\n"
+# A full disk, simulated where an artifact's bytes are committed (os.fsync): the first artifact write fails
+DISK_FULL = """
+import errno, os
+def disk_full(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+os.fsync = disk_full
+"""
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+CASES = [  # id, overrides ({ckpt}: a dir of broken checkpoints), code run first, exit code, the line's pattern
+    ("malformed override", ["context.gen_len=[8,"], "", 2, r"could not parse the overrides: no viable alternative"),
+    ("unknown group option", ["quant=int9"], "", 2, r"quant=int9: unknown option; choose one of .*int8kv"),
+    ("unknown field", ["context.gen_length=8"], "", 2, r"context\.gen_length: unknown field"),
+    ("not a number", ["context.gen_len=abc"], "", 2, r"context\.gen_len=abc: .*could not be converted to Integer"),
+    ("negative length", ["context.gen_len=-1"], "", 2, r"context\.gen_len=-1: must be a positive integer"),
+    ("negative warmup", ["bench.warmup=-1"], "", 2, r"bench\.warmup=-1: must be >= 0"),
+    ("longer than the model", ["context.prompt_len=40000"], "", 2, r"exceeds the 32768-token context"),
+    ("not a choice", ["quant.kv_cache.dtype=int3"], "", 2, r"quant\.kv_cache\.dtype=int3: not one of auto, int8"),
+    ("sweep without -m", ["quant=fp16,int8kv"], "", 2, r"a sweep \(a=x,y\) needs multirun: add -m"),
+    ("missing checkpoint", ["model.path={ckpt}/nowhere"], "", 2, r"model\.path=\S+/nowhere: no such directory"),
+    ("checkpoint without weights", ["model.path={ckpt}/no_weights"], "", 2, r"no \*\.safetensors weights there"),
+    ("corrupt config.json", ["model.path={ckpt}/bad_config"], "", 2, r"bad_config: config\.json is not valid JSON"),
+    # the engine finds these: the job's run is FAILED, the line names the stage and model.path
+    ("corrupt weights", ["model.path={ckpt}/bad_weights"], "", 1, r"FAILED in build of model\.path=\S+/bad_weights"),
+    ("missing tokenizer", ["model.path={ckpt}/no_tokenizer"], "", 1, r"FAILED in build of model\.path=\S+/no_tok"),
+    ("corrupt tokenizer.json", ["model.path={ckpt}/bad_tokenizer"], "", 1, r"FAILED in build of model.path=\S+/bad_tok"),
+    ("unreachable tracking server", ["tracking.uri=http://127.0.0.1:{port}"], "", 2,
+     r"tracking\.uri=http://127\.0\.0\.1:\d+: cannot open the MLflow store \(Connection refused\); start the server"),
+    ("unknown store scheme", ["tracking.uri=nosuch://store"], "", 2, r"not an MLflow store kvexp supports; use"),
+    ("unwritable store", ["tracking.uri=sqlite:////proc/kvexp/mlflow.db"], "", 2, r"cannot create /proc/kvexp"),
+    ("disk full", [], DISK_FULL, 1, r"job \S+ FAILED in setup: OSError: .*could not write artifact config\.yaml .*"
+                                    r"No space left on device.*free space there"),
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """Broken copies of the builtin tiny checkpoint, one dir per fault."""
+    from kvexp.checkpoint import resolve_model
+
+    good = resolve_model(make_spec())
+    root = tmp_path_factory.mktemp("checkpoints")
+    tokenizer = ["tokenizer.json", "tokenizer_config.json"]
+    layouts = {"no_weights": ["config.json", *tokenizer], "bad_config": ["model.safetensors", *tokenizer],
+               "bad_weights": ["config.json", *tokenizer], "no_tokenizer": ["config.json", "model.safetensors"],
+               "bad_tokenizer": ["config.json", "model.safetensors", *tokenizer]}
+    for name, files in layouts.items():
+        (root / name).mkdir()
+        for f in files:
+            shutil.copy(good / f, root / name / f)
+    (root / "bad_config" / "config.json").write_text('{"model_type": "llama",')
+    (root / "bad_weights" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    (root / "bad_tokenizer" / "tokenizer.json").write_text("<html>502 Bad Gateway</html>")  # a failed download
+    return root
+
+
+@pytest.mark.parametrize("args, prelude, code, pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_leaves_no_half_written_run(args, prelude, code, pattern, ckpt, tmp_path):
+    args = [a.format(ckpt=ckpt, port=closed_port()) for a in args]
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", prelude + RUN, *FAST, *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=os.environ.copy())
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("kvexp: error: ") and re.search(pattern, lines[0]), lines
+    store = tmp_path / "mlruns" / "mlflow.db"
+    if code == 2:  # rejected up front, and fast (an unreachable server must not be retried for minutes)
+        assert not store.exists() and time.monotonic() - start < 30
+        return
+    with sqlite3.connect(store) as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    runs = Tracker(f"sqlite:///{store}", "kvexp").search()
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags[TAG + "error"].split("\n")[0] in lines[0]

@@ -1,0 +1,179 @@
+"""Faults: a job killed with SIGKILL, a sweep stopped with Ctrl-C, an artifact write that fails half way.
+
+After each, no run is left RUNNING by a dead process, nothing half-written is visible, and the store still opens.
+"""
+import errno
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import make_spec
+from omegaconf import OmegaConf
+
+from kvexp.tracking import HOST, PARTIAL, TAG, Tracker
+
+FAST = ["experiment=smoke", "eval=none", "eval.fidelity.enabled=false", "bench.iters=1", "bench.warmup=0"]
+# Runs kvexp.run's CLI with its arguments after `prelude` (python -c '<prelude><RUN>' args...).
+RUN = "import sys\nfrom kvexp.run import main\nsys.exit(main(sys.argv[1:]))\n"
+# The job's benchmark announces itself in ./busy, then waits: a job caught mid-run, at a known moment.
+BUSY = """
+import pathlib, time
+from kvexp.bench import perf
+def busy(*args, **kwargs):
+    pathlib.Path("busy").touch()
+    time.sleep(600)
+perf.measure = busy
+"""
+
+
+def store(cwd: Path) -> Tracker:
+    return Tracker(f"sqlite:///{cwd}/mlruns/mlflow.db", "kvexp")
+
+
+def readable_runs(cwd: Path) -> list:
+    """Every run of the store, read back by a fresh client, after sqlite's own consistency check."""
+    with sqlite3.connect(cwd / "mlruns" / "mlflow.db") as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    return store(cwd).search()
+
+
+def start(cwd: Path, args: list[str], prelude: str = "") -> subprocess.Popen:
+    """The CLI in the background, its output in files. SIGINT back to its default: a shell without job control
+    starts background commands (this test's pytest, maybe) with SIGINT ignored, and children inherit that."""
+    return subprocess.Popen([sys.executable, "-c", prelude + RUN, *args], cwd=cwd, env=os.environ.copy(),
+                            stdout=open(cwd / "out.txt", "w"), stderr=open(cwd / "err.txt", "w"), text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(proc: subprocess.Popen, cwd: Path, ready, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"never saw {what} (exit {proc.wait()}): {(cwd / 'err.txt').read_text()[-2000:]}")
+        time.sleep(0.2)
+
+
+def jobs_and_parents(runs: list) -> tuple[list, list]:
+    parents = [r for r in runs if r.data.tags.get(TAG + "sweep") == "true"]
+    return [r for r in runs if r not in parents], parents
+
+
+@pytest.mark.slow
+def test_a_run_left_running_by_sigkill_is_marked_killed_and_run_again(in_tmp):
+    proc = start(in_tmp, ["-m", *FAST], BUSY)
+    wait_for(proc, in_tmp, (in_tmp / "busy").exists, "the job's benchmark start")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert {r.info.status for r in readable_runs(in_tmp)} == {"RUNNING"}  # the job's and the sweep's: orphans
+
+    again = subprocess.run([sys.executable, "-m", "kvexp.run", "-m", *FAST], cwd=in_tmp, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1 finished, 0 failed" in again.stdout and again.stdout.count("was left RUNNING: marked KILLED") == 2
+    jobs, parents = jobs_and_parents(readable_runs(in_tmp))
+    assert [r.info.status for r in jobs] == ["KILLED", "FINISHED"]  # oldest first
+    assert [r.info.status for r in parents] == ["KILLED", "FINISHED"]
+    assert jobs[0].data.tags[TAG + "config_hash"] == jobs[1].data.tags[TAG + "config_hash"]
+    assert f"process {proc.pid} on " in jobs[0].data.tags[TAG + "killed_reason"]
+    assert "is gone" in jobs[0].data.tags[TAG + "killed_reason"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_marks_the_running_job_and_the_sweep_killed(in_tmp):
+    args = ["-m", "quant=fp16,int8kv", *FAST, "bench.iters=1000000"]  # a benchmark far longer than the test
+    proc = start(in_tmp, args)
+    wait_for(proc, in_tmp, lambda: "[job 1/2] bench" in (in_tmp / "out.txt").read_text(), "job 1's benchmark")
+    time.sleep(0.5)  # well inside the benchmark loop
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err, out = (in_tmp / "err.txt").read_text(), (in_tmp / "out.txt").read_text()
+    assert err.strip().splitlines() == ["kvexp: interrupted; the runs in progress were marked KILLED, the sweep's too"]
+    assert "0 finished, 0 failed, 1 not run (the sweep stopped), 1 killed" in out
+    jobs, parents = jobs_and_parents(readable_runs(in_tmp))
+    assert [r.info.status for r in jobs] == ["KILLED"] and [r.info.status for r in parents] == ["KILLED"]
+    assert jobs[0].data.tags[TAG + "killed_reason"] == "interrupted (Ctrl-C / SIGINT)"
+    assert jobs[0].data.tags[TAG + "quant"] == "fp16"
+
+
+def new_run(tracker: Tracker, **owner: str) -> str:
+    run_id = tracker.start_run("r", {TAG + "config_hash": "h" * 64})
+    tracker.set_tags(run_id, {TAG + k: v for k, v in owner.items()})
+    return run_id
+
+
+def test_reap_judges_each_run_by_its_owner_process(tmp_path):
+    tracker = store(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        born = repr(psutil.Process(alive.pid).create_time())
+        runs = {
+            "dead": new_run(tracker, pid=str(dead.pid)),
+            "alive": new_run(tracker, pid=str(alive.pid), pid_start=born),
+            "pid reused": new_run(tracker, pid=str(alive.pid), pid_start=repr(float(born) - 3600)),
+            "other host": new_run(tracker, pid=str(dead.pid), host=HOST + "-elsewhere"),
+        }
+        root = Path(tracker.client.get_run(runs["dead"]).info.artifact_uri.removeprefix("file://"))
+        (root / "sub").mkdir(parents=True)
+        (root / "sub" / f"{PARTIAL}config.yaml-1234").write_text("half a fi")
+        reaped = tracker.reap_stale(tracker.running())
+    finally:
+        alive.kill()
+    assert {run.info.run_id for run, _ in reaped} == {runs["dead"], runs["pid reused"]}
+    status = {name: tracker.client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "pid reused": "KILLED", "other host": "RUNNING"}
+    assert "(killed or crashed)" in tracker.client.get_run(runs["dead"]).data.tags[TAG + "killed_reason"]
+    assert not list(root.rglob(PARTIAL + "*"))
+
+
+def test_a_job_reaps_a_stale_run_of_its_own_config_then_runs(tmp_path):
+    from kvexp.job import run_job
+
+    spec = make_spec(*FAST[1:], "bench=none", f"tracking.uri=sqlite:///{tmp_path}/mlruns/mlflow.db")
+    tracker = store(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tracker.start_run("stale", {TAG + "config_hash": spec.config_hash})
+    tracker.set_tags(stale, {TAG + "pid": str(dead.pid)})
+    assert run_job(spec, OmegaConf.to_yaml(OmegaConf.structured(spec.cfg)), [], tmp_path / "out") == "FINISHED"
+    runs = tracker.search([f"tags.`{TAG}config_hash` = '{spec.config_hash}'"])
+    assert [(r.info.run_id == stale, r.info.status) for r in runs] == [(True, "KILLED"), (False, "FINISHED")]
+
+
+def test_an_artifact_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    tracker = store(tmp_path)
+    run_id = tracker.start_run("r", {})
+    tracker.log_text(run_id, "version: 1\n", "config.yaml")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)  # after the bytes went to the temp file: a write cut short
+    with pytest.raises(OSError, match="could not write artifact config.yaml .*No space left on device.*free space"):
+        tracker.log_text(run_id, "version: 2\n" * 1000, "config.yaml")
+    root = Path(tracker.client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    assert (root / "config.yaml").read_text() == "version: 1\n"
+    assert [p.name for p in root.iterdir()] == ["config.yaml"]  # no temp file left behind
+
+
+def test_a_directory_artifact_keeps_its_layout(tmp_path):
+    tracker = store(tmp_path)
+    run_id = tracker.start_run("r", {})
+    src = tmp_path / "lm_eval"
+    (src / "task").mkdir(parents=True)
+    (src / "results.json").write_text("{}")
+    (src / "task" / "samples.jsonl").write_text("{}\n")
+    tracker.log_artifact(run_id, src, "lm_eval")
+    tracker.log_artifact(run_id, src / "results.json", "copy")
+    listed = {a.path for a in tracker.client.list_artifacts(run_id, "lm_eval")}
+    assert listed == {"lm_eval/results.json", "lm_eval/task"}
+    assert {a.path for a in tracker.client.list_artifacts(run_id, "lm_eval/task")} == {"lm_eval/task/samples.jsonl"}
+    assert {a.path for a in tracker.client.list_artifacts(run_id, "copy")} == {"copy/results.json"}
