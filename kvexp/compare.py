@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kvexp.errors import ConfigError, KvexpError
-from kvexp.tracking import TAG, Tracker
+from kvexp.tracking import TAG, Tracker, first_contact
 
 BASELINE = "fp16"
 ARTIFACT_DIR = "compare"
@@ -124,14 +124,15 @@ def open_store(uri: Optional[str], experiment: str) -> Tracker:
     """A Tracker on an existing store and experiment: reading must not create an empty store in the cwd."""
     tracker = Tracker(uri, experiment)
     if tracker.local and not Path(tracker.uri[len("sqlite:///"):]).is_file():
-        raise ConfigError(f"tracking uri {tracker.uri}: no MLflow store there; run a sweep first "
+        raise ConfigError(f"tracking uri {tracker.shown_uri}: no MLflow store there; run a sweep first "
                           "(python -m kvexp.run -m ...) or pass --tracking-uri")
     try:
-        found = tracker.client.get_experiment_by_name(experiment)
+        with first_contact():  # an unreachable server fails in seconds, not after minutes of retries
+            found = tracker.client.get_experiment_by_name(experiment)
     except Exception as e:  # an unreachable server or unreadable store: one line, not a traceback
-        raise ConfigError(f"tracking uri {tracker.uri}: cannot read the MLflow store ({type(e).__name__})") from e
+        raise ConfigError(f"tracking uri {tracker.shown_uri}: cannot read the MLflow store ({type(e).__name__})") from e
     if found is None:
-        raise ConfigError(f"--experiment {experiment}: no such experiment in {tracker.uri}")
+        raise ConfigError(f"--experiment {experiment}: no such experiment in {tracker.shown_uri}")
     tracker.prepare()  # finds the experiment's id; creates nothing
     return tracker
 
@@ -145,7 +146,7 @@ def resolve_sweep(tracker: Tracker, text: str) -> str:
     if text == "latest":
         parents = sweep_parents(tracker)
         if not parents:
-            raise ConfigError(f"--sweep latest: no sweep in {tracker.uri}; run one with python -m kvexp.run -m ...")
+            raise ConfigError(f"--sweep latest: no sweep in {tracker.shown_uri}; run one with python -m kvexp.run -m ...")
         return parents[-1].data.tags[TAG + "sweep_id"]
     prefix = text.removeprefix("sweep-")
     if not re.fullmatch(r"[0-9a-f]+", prefix):

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from kvexp.bench import perf
+from kvexp.bench import perf, profile
 from kvexp.config import RunSpec, canonical
 from kvexp.engines import engine_class
 from kvexp.tracking import TAG, Tracker, device_name, flatten, git_commit, library_versions, scrub
@@ -119,5 +119,13 @@ def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None
             log.info("bench done in %.1f s", time.perf_counter() - start)
             prompts = perf.bench_prompts(engine, cfg.bench.batch_size, cfg.context.prompt_len, cfg.seed)
             tracker.log_metrics(run_id, engine.external_bench(prompts, cfg.context.gen_len, out_dir / "external_bench"))
+            if cfg.bench.profile != "none":
+                stage(tracker, run_id, "profile")
+                prof_dir = out_dir / "profile"
+                try:
+                    tracker.log_metrics(run_id, profile.profile_run(engine, spec, prof_dir))
+                finally:
+                    if prof_dir.exists():
+                        tracker.log_artifact(run_id, prof_dir, "profile")
     finally:
         engine.close()

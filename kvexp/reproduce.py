@@ -39,7 +39,7 @@ def find_run(tracker: Tracker, prefix: str):
     runs = tracker.search([f"tags.`{HASH_TAG}` LIKE '{prefix}%'"])
     hashes = sorted({r.data.tags[HASH_TAG] for r in runs})
     if not hashes:
-        raise ConfigError(f"{prefix}: no run with a config hash starting so in {tracker.uri} "
+        raise ConfigError(f"{prefix}: no run with a config hash starting so in {tracker.shown_uri} "
                           f"(experiment {tracker.experiment})")
     if len(hashes) > 1:
         names = {h: next(r.info.run_name for r in runs if r.data.tags[HASH_TAG] == h) for h in hashes}

@@ -96,7 +96,7 @@ def serve(tracker: Tracker, host: str, port: int) -> int:
                   file=sys.stderr)
             return 1
         exp = tracker.prepare()
-        print(f"kvexp.ui: MLflow UI at {url}/#/experiments/{exp}/runs (store {tracker.uri}); Ctrl-C stops it",
+        print(f"kvexp.ui: MLflow UI at {url}/#/experiments/{exp}/runs (store {tracker.shown_uri}); Ctrl-C stops it",
               flush=True)
         proc.wait()
         return proc.returncode

@@ -25,6 +25,8 @@ def test_smoke_sweep_tracks_three_runs_and_a_rerun_adds_none(in_tmp):
     proc = kvexp_run(in_tmp, "-m", "quant=fp16,int8kv,awq", "experiment=smoke")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3 finished, 0 failed, 0 skipped" in proc.stdout
+    assert "vs the fp16 run of the same model" in proc.stdout  # the comparison table printed at the end
+    assert all(f" {q} " in proc.stdout for q in ("fp16", "int8kv", "awq"))
     runs = runs_in(in_tmp)
     parents = [r for r in runs if r.data.tags.get(TAG + "sweep") == "true"]
     children = [r for r in runs if r not in parents]
