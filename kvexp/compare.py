@@ -53,6 +53,9 @@ FIXED = [
     Column("peak mem", "mem.peak_bytes", _bytes, True),
     Column("KV/token", "mem.kv_bytes_per_token", _bytes, True),
 ]
+# bench.profile runs only: where a decode step's time goes (kvexp/bench/profile.py)
+PROFILE = [Column(f"decode {kind}", f"prof.decode_{kind}_frac", lambda v: f"{100 * v:.1f}%", False)
+           for kind in ("attention", "matmul", "elementwise")]
 LABELS = ["model", "quant", "context", "engine", "hash"]
 
 
@@ -217,7 +220,9 @@ def tables(rows: list[Row], pool: list[Row]) -> tuple[list[Table], list[str]]:
     """(tables, footnotes), the one layout the terminal and the HTML report both print. Accuracy gets a table
     of its own: lm-eval suites add several columns per task, too many for one terminal line."""
     bases = baselines(rows, pool)
-    groups = [("accuracy (lm-eval, ±stderr)", acc_columns(rows)), ("fidelity vs fp16, speed, memory", FIXED)]
+    profiled = [c for c in PROFILE if any(c.metric in r.metrics for r in rows)]
+    groups = [("accuracy (lm-eval, ±stderr)", acc_columns(rows)), ("fidelity vs fp16, speed, memory", FIXED),
+              ("decode time by kernel class (bench.profile)", profiled)]
     out = [Table(title, LABELS + [c.header for c in cols],
                  [row.labels + [cell(c, row, bases.get(row.config_hash)) for c in cols] for row in rows])
            for title, cols in groups if cols]

@@ -86,3 +86,19 @@ def test_cli_errors_are_one_line(store, capsys):
         assert compare.main(args + (["--tracking-uri", tracker.uri] if "--tracking-uri" not in args else [])) == 2
         err = capsys.readouterr().err
         assert err.startswith("kvexp.compare: error: ") and err.count("\n") == 1, err
+
+
+def test_profile_columns_appear_only_for_profiled_runs():
+    from kvexp.compare import PROFILE, Row, tables
+
+    def row(quant, metrics):
+        return Row(run_id=quant, name=quant, model="m", quant=quant, context="short", prompt_len=8, gen_len=4,
+                   engine="torch", config_hash=quant * 8, sweep_id="s", metrics=metrics)
+
+    plain = [row("fp16", {"perf.decode_tok_s": 10.0}), row("int8kv", {"perf.decode_tok_s": 12.0})]
+    assert all("decode attention" not in t.headers for t in tables(plain, plain)[0])
+    profiled = [row("fp16", {"prof.decode_attention_frac": 0.688}), row("int8kv", {"prof.decode_attention_frac": 0.615})]
+    tab = next(t for t in tables(profiled, profiled)[0] if "decode attention" in t.headers)
+    col = tab.headers.index("decode attention")
+    assert [r[col] for r in tab.cells] == ["68.8%", "61.5% (-0.073)"]
+    assert len(PROFILE) == 3
