@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, compose, make_spec
+from conftest import compose, make_spec
 from kvexp.config import config_hash
 from kvexp.errors import ConfigError
 from kvexp.preflight import group_options, plan

@@ -1,10 +1,9 @@
 """INT4 weights: packing, the linear layer, and AWQ (through ModelOpt) beating round-to-nearest."""
-import pytest
 import torch
 from torch import nn
 
 from conftest import build_engine
-from kvexp.quant.int4 import Int4Linear, pack, quantize_groups, rtn_quantize, unpack
+from kvexp.quant.int4 import Int4Linear, pack, rtn_quantize, unpack
 from kvexp.quant.weights import export_int4
 
 
