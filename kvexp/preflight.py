@@ -56,13 +56,26 @@ def _one_line(exc: Exception) -> str:
                                      "").split())
 
 
-def compose_job(overrides: list[str]):
+def compose_job(overrides: list[str], hydra_config: bool = False):
     from hydra import compose, initialize_config_dir
 
     import kvexp.config  # noqa: F401  (registers the schema)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def _sweeper_params(parsed) -> list[str]:
+    """The sweep a config declares in hydra.sweeper.params (experiment=organism does), as overrides.
+
+    Hydra's BasicSweeper reads them from the config composed with the command line's non-sweep overrides and
+    puts them before the command line's, whose values win for the same key; plan() does the same.
+    """
+    try:
+        cfg = compose_job([o.input_line for o in parsed if not o.is_sweep_override()], hydra_config=True)
+    except Exception as e:  # Hydra/OmegaConf composition errors: unknown keys, wrong types
+        raise ConfigError(_one_line(e)) from e
+    return [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
 
 
 def plan(argv: list[str]) -> Plan:
@@ -74,6 +87,9 @@ def plan(argv: list[str]) -> Plan:
         parsed = OverridesParser.create().parse_overrides(args)
     except Exception as e:
         raise ConfigError(f"could not parse the overrides: {_one_line(e)}") from e
+    if multirun:
+        args = _sweeper_params(parsed) + args
+        parsed = OverridesParser.create().parse_overrides(args)
     _check_groups(parsed)
     if not multirun and any(o.is_sweep_override() for o in parsed):
         raise ConfigError("a sweep (a=x,y) needs multirun: add -m, e.g. python -m kvexp.run -m quant=fp16,int8kv")
