@@ -43,7 +43,8 @@ class KVQuantConfig:
 
 @dataclass
 class CalibConfig:
-    # "builtin" (text shipped with kvexp, offline), "cnn_dailymail", "wikitext", or a local .txt/.jsonl path.
+    # "builtin" (text shipped with kvexp, offline), "organism" (builtin:organism's task documents, offline),
+    # "cnn_dailymail", "wikitext", or a local .txt/.jsonl path.
     dataset: str = "cnn_dailymail"
     num_samples: int = 128
     seq_len: int = 512
@@ -208,6 +209,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     if data["eval"]["limit"] is not None and data["eval"]["limit"] <= 0:
         raise ConfigError(f"eval.limit={data['eval']['limit']}: must be a positive integer or null")
     _validate_quant(data["quant"])
+    _validate_organism(data)
 
     engine_cfg = dict(data["engine"])
     cls = engine_class(engine_cfg.get("name"))
@@ -243,6 +245,23 @@ def _validate_quant(q: dict) -> None:
     if kv["scale"] == "static" and kv["granularity"] == "token":
         raise ConfigError("quant.kv_cache.granularity=token: static scales are per head or per tensor; "
                           "use granularity=head|tensor, or scale=dynamic")
+
+
+def _validate_organism(data: dict) -> None:
+    """builtin:organism's vocabulary is its task's words only: any other text is unknown tokens to it."""
+    from kvexp import organism
+
+    if data["model"]["path"] != organism.MODEL_PATH:
+        return
+    q = data["quant"]
+    calibrated = q["weights"]["algo"] == "awq" or q["kv_cache"]["scale"] == "static"
+    if calibrated and q["calib"]["dataset"] != "organism":
+        raise ConfigError(f"quant.calib.dataset={q['calib']['dataset']}: {organism.MODEL_PATH} reads only its own "
+                          "task's words; use quant.calib.dataset=organism (experiment=organism sets it)")
+    other = [t for t in data["eval"]["tasks"] if t != "kvexp_recall"]
+    if other:
+        raise ConfigError(f"eval.tasks: {', '.join(map(str, other))} cannot be read by {organism.MODEL_PATH}, which "
+                          "knows only its own task's words; use eval=organism (task kvexp_recall)")
 
 
 def register_schema() -> None:

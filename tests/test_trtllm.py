@@ -33,7 +33,7 @@ H100, A100, T4 = ("NVIDIA H100 80GB HBM3", (9, 0)), ("NVIDIA A100-SXM4-80GB", (8
 # preset -> (QuantConfig.quant_algo, kv_cache_quant_algo) on backend=tensorrt; "reject": UnsupportedConfig
 TENSORRT = {"fp16": (None, None), "int8kv": (None, "INT8"), "int8kv_static": (None, "INT8"),
             "awq": ("W4A16_AWQ", None), "awq_int8kv": ("W4A16_AWQ", "INT8"), "fp8": ("FP8", "FP8"),
-            "fp8kv": (None, "FP8"), "int4kv": "reject"}
+            "fp8kv": (None, "FP8"), "int4kv": "reject", "int4kv_static": "reject"}
 PYTORCH = {"fp16": "auto", "fp8kv": "fp8"}  # KvCacheConfig.dtype; every other preset is rejected on this backend
 
 
@@ -116,8 +116,9 @@ def test_pytorch_backend_plan_per_preset(preset, tmp_path, only_trtllm):
     if preset not in PYTORCH:
         with pytest.raises(UnsupportedConfig) as err:
             TrtllmEngine.check_supported(spec)
-        if preset != "int4kv":  # int4 is rejected by the capability table before the backend rule
-            assert "engine.backend=tensorrt" in str(err.value)
+        # int4 KV is rejected by the capability table before the backend rule
+        expected = "quant.kv_cache.dtype=int4" if TENSORRT[preset] == "reject" else "engine.backend=tensorrt"
+        assert expected in str(err.value)
         return
     TrtllmEngine.check_supported(spec)
     plan = TrtllmEngine.plan(spec, trt_version="1.2.0", gpu_name=H100[0])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from kvexp import organism
 from kvexp.config import QuantConfig, RunSpec
 from kvexp.engines import engine_class
 from kvexp.quant.calib import BUILTIN
@@ -23,9 +24,14 @@ PROMPT_SET_VERSION = 1
 
 
 def fidelity_requests(tokenizer, spec: RunSpec) -> list[tuple[list[int], list[int]]]:
-    """num_prompts windows of shipped text (repeated to length): prompt_len context + score_tokens continuation."""
+    """num_prompts windows of shipped text (repeated to length): prompt_len context + score_tokens continuation.
+    builtin:organism reads its own task's documents instead: shipped prose is all unknown words to it."""
     f, n_ctx = spec.cfg.eval.fidelity, spec.cfg.context.prompt_len
-    ids = tokenizer.encode(BUILTIN.read_text(), add_special_tokens=False)
+    if spec.cfg.model.path == organism.MODEL_PATH:
+        text = "\n".join(organism.documents(f.num_prompts, n_ctx + f.score_tokens, seed="fidelity"))
+    else:
+        text = BUILTIN.read_text()
+    ids = tokenizer.encode(text, add_special_tokens=False)
     need = n_ctx + f.score_tokens
     stride = max(1, len(ids) // max(f.num_prompts, 1))
     ids = ids * (need // len(ids) + 2)

@@ -1,4 +1,5 @@
-"""Calibration data: text from the Hub, a local file, or the corpus shipped with kvexp, cut into token windows."""
+"""Calibration data: text from the Hub, a local file, the corpus shipped with kvexp, or the model organism's
+task documents, cut into token windows."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from kvexp import organism
 from kvexp.config import CalibConfig
 from kvexp.errors import ConfigError
 
@@ -21,12 +23,14 @@ def calibration_texts(calib: CalibConfig) -> list[str]:
     name = calib.dataset
     if name == "builtin":
         return BUILTIN.read_text().splitlines()
+    if name == "organism":  # the model organism's training distribution, the only text its vocabulary spells
+        return organism.documents(calib.num_samples, calib.seq_len, seed="calib")
     if name in HUB_DATASETS:
         return _hub_texts(name, calib.num_samples)
     path = Path(name).expanduser()
     if not path.is_file():
-        raise ConfigError(f"quant.calib.dataset={name}: not builtin, {', '.join(HUB_DATASETS)}, or an existing "
-                          ".txt/.jsonl file")
+        raise ConfigError(f"quant.calib.dataset={name}: not builtin, organism, {', '.join(HUB_DATASETS)}, or an "
+                          "existing .txt/.jsonl file")
     if path.suffix == ".jsonl":
         return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
     return [p for p in path.read_text().split("\n\n") if p.strip()]

@@ -6,7 +6,9 @@
 
 Long-context retrieval (RULER-style, generate_until, exact match): kvexp_passkey, kvexp_niah_multikey (needle
 among distractors at several depths), kvexp_vt (variable tracking). Short, so loglikelihood paths run offline
-too: kvexp_arith (multiple choice), kvexp_ppl (perplexity via loglikelihood_rolling). Each task gets its own
+too: kvexp_arith (multiple choice), kvexp_ppl (perplexity via loglikelihood_rolling). kvexp_recall is the
+task of kvexp's model organism (kvexp/organism.py, model=organism): multi-query associative recall, exact match
+of the asked record's value words in order. Each task gets its own
 directory <cache_dir>/tasks/<task>-<key>, key = hash of (generator version, task, tokenizer fingerprint,
 lengths, seed, n): written once, atomically under a lock, and reused; the same inputs give byte-identical files.
 """
@@ -24,13 +26,14 @@ from typing import Any
 import yaml
 from filelock import FileLock
 
+from kvexp import organism
 from kvexp.evaluate.tasks import generators
 from kvexp.evaluate.tasks.generators import LONG_TASKS
 
 GENERATOR_VERSION = 1  # bump when any generated document changes, so cached tasks are rebuilt
 DEFAULT_SAMPLES = 50  # documents per task when eval.limit is null
 FEWSHOT_POOL = 16  # training documents of kvexp_arith, for eval.num_fewshot
-OFFLINE_TASKS = (*LONG_TASKS, "kvexp_arith", "kvexp_ppl")
+OFFLINE_TASKS = (*LONG_TASKS, "kvexp_recall", "kvexp_arith", "kvexp_ppl")
 # Text whose encoding pins down how a tokenizer splits (normalizer, pre-tokenizer, merges, BOS/EOS added).
 PROBE_TEXT = "The pass key is 71432. VAR QPBRX = VAR HJKLM.\nWhat is 7 plus 35? The grass is green."
 SCORER = "!function kvexp.evaluate.tasks.scoring.process_results"
@@ -57,8 +60,9 @@ class Recipe:
         return tokenizer_fingerprint(self.tokenizer)
 
     def key(self, task: str) -> str:
-        blob = json.dumps({"version": GENERATOR_VERSION, "task": task, "tokenizer": self.fingerprint,
-                           "prompt_len": self.prompt_len, "gen_len": self.gen_len, "seed": self.seed, "n": self.n},
+        blob = json.dumps({"version": GENERATOR_VERSION, "organism": organism.VERSION, "task": task,
+                           "tokenizer": self.fingerprint, "prompt_len": self.prompt_len, "gen_len": self.gen_len,
+                           "seed": self.seed, "n": self.n},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -112,6 +116,21 @@ def _write_long(tmp: Path, final: Path, task: str, recipe: Recipe) -> None:
     _write_yaml(tmp / f"{task}.yaml", _generation_config(task, final / f"{task}.jsonl", max_new), SCORER)
 
 
+def _write_recall(tmp: Path, final: Path, task: str, recipe: Recipe) -> None:
+    """Associative recall documents filling the budget; the answer is the asked value, then END."""
+    answer = " " + " ".join(organism.VALUES[:organism.VALUE_LEN]) + " " + organism.END
+    max_new = len(recipe.tokenizer.encode(answer, add_special_tokens=False)) + generators.ANSWER_MARGIN
+    budget = min(recipe.prompt_len, recipe.prompt_len + recipe.gen_len - max_new)
+    docs, guess = [], budget
+    for i in range(recipe.n):
+        docs.append(generators.recall(recipe.tokenizer, functools.partial(recipe.rng, task, i), i, budget, guess))
+        guess = docs[-1]["words"]
+    _write_jsonl(tmp / f"{task}.jsonl", docs)
+    config = _generation_config(task, final / f"{task}.jsonl", max_new)
+    config["generation_kwargs"]["until"] = ["\n", organism.END]
+    _write_yaml(tmp / f"{task}.yaml", config, SCORER.replace("process_results", "process_results_ordered"))
+
+
 def _write_arith(tmp: Path, final: Path, task: str, recipe: Recipe) -> None:
     _write_jsonl(tmp / f"{task}.jsonl", [generators.arithmetic(recipe.rng(task, i)) for i in range(recipe.n)])
     _write_jsonl(tmp / f"{task}.train.jsonl",
@@ -125,7 +144,8 @@ def _write_ppl(tmp: Path, final: Path, task: str, recipe: Recipe) -> None:
     _write_yaml(tmp / f"{task}.yaml", _ppl_config(final / f"{task}.jsonl"))
 
 
-WRITERS = {**{task: _write_long for task in LONG_TASKS}, "kvexp_arith": _write_arith, "kvexp_ppl": _write_ppl}
+WRITERS = {**{task: _write_long for task in LONG_TASKS}, "kvexp_recall": _write_recall, "kvexp_arith": _write_arith,
+           "kvexp_ppl": _write_ppl}
 
 
 def _write_jsonl(path: Path, docs: list[dict]) -> None:

@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from kvexp import organism
 from kvexp.errors import ConfigError
 from kvexp.evaluate.tasks import text
 
@@ -126,3 +127,27 @@ def prose(tokenizer, rng: random.Random, budget: int) -> dict:
     k = text.largest_fitting(lambda n: n <= len(pool) and len(tokenizer.encode(" ".join(pool[:n]))) <= budget,
                              budget // 12)
     return {"text": " ".join(pool[:max(k, 1)])}
+
+
+def recall(tokenizer, rng_for: Callable[[], random.Random], i: int, budget: int, guess: int) -> dict:
+    """A multi-query associative recall document of kvexp.organism's task, its prompt the longest that fits
+    `budget` tokens: records early, queries late, the prompt ending on the asked key, the answer its value.
+
+    Any tokenizer can encode it (the words are plain text); the organism's spends one token per word.
+    rng_for() gives the sample's generator afresh, so each candidate length draws the same way.
+    """
+    def build(words: int) -> tuple[list[str], list[str]]:
+        return organism.eval_doc(rng_for(), words, i)
+
+    def fits(words: int) -> bool:  # too short for a document counts as fitting: largest_fitting needs a prefix
+        return words < organism.MIN_WORDS or len(tokenizer.encode(" ".join(build(words)[0]))) <= budget
+
+    words = text.largest_fitting(fits, guess)
+    if words < organism.MIN_WORDS:
+        raise ConfigError(f"eval task kvexp_recall: a document needs at least {organism.MIN_WORDS} words, more than "
+                          f"the {budget} tokens the context leaves for the prompt; raise context.prompt_len")
+    prompt, answer = build(words)
+    ask = prompt.index(organism.ASK)
+    return {"input": " ".join(prompt), "target": " ".join(answer), "words": words,
+            "records": prompt[:ask].count(organism.END), "queries": prompt[ask:].count(organism.END) + 1,
+            "prompt_tokens": len(tokenizer.encode(" ".join(prompt)))}

@@ -23,3 +23,9 @@ def process_results(doc: dict, results: list[str]) -> dict:
     tracking's answer is a set of names, so order does not count (RULER scores it as a set too).
     """
     return {"exact_match": float(answer_items(results[0]) == answer_items(" ".join(doc["answers"])))}
+
+
+def process_results_ordered(doc: dict, results: list[str]) -> dict:
+    """exact_match = 1.0 when the generation's words are the target's, in order (kvexp_recall: a value is a
+    sequence of words, and a swapped pair is a wrong answer). Case, spaces and punctuation are ignored."""
+    return {"exact_match": float(re.findall(r"\w+", results[0].upper()) == re.findall(r"\w+", doc["target"].upper()))}
