@@ -65,14 +65,25 @@ def compose_job(overrides: list[str], hydra_config: bool = False):
         return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
 
 
-def _sweeper_params(parsed) -> list[str]:
+def _parse(args: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides(args)
+    except Exception as e:  # Hydra's grammar errors
+        raise ConfigError(f"could not parse the overrides: {_one_line(e)}") from e
+
+
+def _sweeper_params(parsed, hydra_args: list[str]) -> list[str]:
     """The sweep a config declares in hydra.sweeper.params (experiment=organism does), as overrides.
 
-    Hydra's BasicSweeper reads them from the config composed with the command line's non-sweep overrides and
-    puts them before the command line's, whose values win for the same key; plan() does the same.
+    Hydra's BasicSweeper reads them from the config composed with the command line's non-sweep overrides,
+    its hydra.* ones included, and puts them before the command line's, whose values win for the same key;
+    plan() does the same.
     """
     try:
-        cfg = compose_job([o.input_line for o in parsed if not o.is_sweep_override()], hydra_config=True)
+        cfg = compose_job([o.input_line for o in parsed if not o.is_sweep_override()] + hydra_args,
+                          hydra_config=True)
     except Exception as e:  # Hydra/OmegaConf composition errors: unknown keys, wrong types
         raise ConfigError(_one_line(e)) from e
     return [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
@@ -80,17 +91,14 @@ def _sweeper_params(parsed) -> list[str]:
 
 def plan(argv: list[str]) -> Plan:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     multirun, args = _split(argv)
-    try:
-        parsed = OverridesParser.create().parse_overrides(args)
-    except Exception as e:
-        raise ConfigError(f"could not parse the overrides: {_one_line(e)}") from e
-    if multirun:
-        args = _sweeper_params(parsed) + args
-        parsed = OverridesParser.create().parse_overrides(args)
+    parsed = _parse(args)
     _check_groups(parsed)
+    if multirun:
+        args = _sweeper_params(parsed, [a for a in argv if a.startswith("hydra")]) + args
+        parsed = _parse(args)
+        _check_groups(parsed)
     if not multirun and any(o.is_sweep_override() for o in parsed):
         raise ConfigError("a sweep (a=x,y) needs multirun: add -m, e.g. python -m kvexp.run -m quant=fp16,int8kv")
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [args]

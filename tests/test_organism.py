@@ -70,18 +70,35 @@ def tiny_recipe(**train) -> dict:
     return dict(organism.RECIPE, train=t)
 
 
-def test_training_is_deterministic_and_the_recipe_is_its_cache_key(tmp_path):
-    """Two trainings of one recipe give the same bytes; the recipe hash (the checkpoint's cache key) follows it."""
+def test_training_is_deterministic(tmp_path):
+    """Two trainings of one recipe give the same bytes, and report on the recipe they were given."""
     digests = []
     for name in ("a", "b"):
         out = tmp_path / name
         out.mkdir()
         report = organism.train(out, tiny_recipe())
         digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
-        assert json.loads((out / "organism.json").read_text())["recipe_hash"] == report["recipe_hash"]
+        assert report["train_len"] == 24 and report["recipe_hash"] == organism.recipe_hash(tiny_recipe())
+        assert organism.is_organism(str(out))
     assert digests[0] == digests[1]
+
+
+def test_a_new_recipe_is_a_new_model_and_new_runs(monkeypatch):
+    """The recipe's hash names the cached checkpoint, and through kvexp.checkpoint.model_key the config hash and
+    the caches derived from the model: a rebuilt organism is never skipped as done or fed the old one's AWQ."""
+    from kvexp.checkpoint import BUILTINS, model_key
+    from kvexp.config import config_hash, validate
+    from kvexp.quant.weights import artifact_path
+
     assert organism.recipe_hash(tiny_recipe()) != organism.recipe_hash(tiny_recipe(seed=1))
-    assert organism.recipe_hash(tiny_recipe()) != organism.recipe_hash()
+    assert BUILTINS["organism"]["version"] == organism.VERSION_TAG == f"{organism.VERSION}-{organism.recipe_hash()}"
+    spec = validate(compose("experiment=organism", "quant=awq"))
+    before = (model_key(organism.MODEL_PATH), spec.config_hash, artifact_path(spec, "int4-awq", {}))
+    monkeypatch.setitem(BUILTINS, "organism", dict(BUILTINS["organism"], version="2-other"))
+    after = (model_key(organism.MODEL_PATH), config_hash(compose("experiment=organism", "quant=awq")),
+             artifact_path(spec, "int4-awq", {}))
+    assert all(a != b for a, b in zip(before, after)) and after[0] == "builtin:organism@v2-other"
+    assert model_key("/some/dir") == "/some/dir"
 
 
 def test_recall_task_fills_the_context_with_the_organisms_tokenizer(tmp_path):
@@ -129,12 +146,14 @@ def test_calibration_reads_the_organisms_documents():
     (["model=organism", "quant=awq"], "quant.calib.dataset=cnn_dailymail"),
     (["model=organism", "quant=int8kv_static", "quant.calib.dataset=builtin"], "quant.calib.dataset=builtin"),
     (["model=organism", "eval=quick"], "eval.tasks: kvexp_passkey"),
+    (["model.path={copy}", "eval=quick"], "eval.tasks: kvexp_passkey"),  # a copy of its directory, by path
 ])
-def test_organism_refuses_text_it_cannot_read(overrides, field):
+def test_organism_refuses_text_it_cannot_read(overrides, field, tmp_path):
     from kvexp.config import validate
 
+    (tmp_path / organism.REPORT).write_text("{}")
     with pytest.raises(ConfigError) as e:
-        validate(compose(*overrides))
+        validate(compose(*(o.format(copy=tmp_path) for o in overrides)))
     assert str(e.value).startswith(field) and "organism" in str(e.value)
 
 
@@ -150,6 +169,10 @@ def test_experiment_organism_declares_its_sweep_and_the_command_line_wins():
     narrowed = preflight.plan(["-m", "experiment=organism", "quant=fp16,awq", "context.prompt_len=256"])
     assert [s.cfg.quant.name for s in narrowed.specs] == ["fp16", "awq"]
     assert len(preflight.plan(["experiment=organism"]).specs) == 1  # without -m, one run: no sweep
+    # hydra.* overrides shape the declared sweep before Hydra reads it, so preflight reads it with them
+    assert len(preflight.plan(["-m", "experiment=organism", "hydra.sweeper.params.quant=fp16"]).specs) == 2
+    with pytest.raises(ConfigError, match="^model=orgnism: unknown option"):  # named before any composing
+        preflight.plan(["-m", "experiment=organism", "model=orgnism"])
 
 
 # ---- the trained organism (trained once per test session, ~80 s on a 2-core CPU) ----------------------------
@@ -180,7 +203,7 @@ def test_trained_organism_recalls_in_its_training_range(recall):
     from kvexp.checkpoint import _builtin
     from kvexp.config import resolve_cache_dir
 
-    report = json.loads((_builtin("organism", resolve_cache_dir(None)) / "organism.json").read_text())
+    report = json.loads((_builtin("organism", resolve_cache_dir(None)) / organism.REPORT).read_text())
     assert report["recall_at_train_len"] >= 0.9 and report["recipe_hash"] == organism.recipe_hash()
     acc, stderr = recall["fp16"]
     assert acc >= 0.9 and 0 < stderr < 0.03
