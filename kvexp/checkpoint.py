@@ -40,6 +40,13 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def model_key(path: str) -> str:
+    """What caches derived from a model (quantized weights, KV scales, fidelity references, the config hash) key
+    on: its path, plus a builtin's version, so a builtin made from a new recipe does not reuse the old one's."""
+    name = path[len(BUILTIN_PREFIX):] if path.startswith(BUILTIN_PREFIX) else None
+    return f"{path}@v{BUILTINS[name]['version']}" if name in BUILTINS else path
+
+
 def read_model_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
@@ -161,7 +168,7 @@ def _make_tiny(out: Path, recipe: dict) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _train_organism(out: Path, recipe: dict) -> None:
+def _train_organism(out: Path, _: dict) -> None:  # its recipe is kvexp.organism's
     log.info("builtin:organism: training it (once; about 80 s on a 2-core CPU), then cached in %s", out.parent)
     organism.train(out)
 

@@ -187,8 +187,13 @@ def canonical(cfg: DictConfig | dict) -> dict:
 
 
 def config_hash(cfg: DictConfig | dict) -> str:
-    """sha256 of the canonical config: key order, CLI order and experiment files do not change it."""
-    blob = json.dumps(canonical(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    """sha256 of the canonical config: key order, CLI order and experiment files do not change it. A builtin
+    model's version counts (kvexp.checkpoint.model_key): a run of a rebuilt builtin is a new run."""
+    from kvexp.checkpoint import model_key
+
+    data = canonical(cfg)
+    data["model"]["path"] = model_key(data["model"]["path"])
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -248,19 +253,19 @@ def _validate_quant(q: dict) -> None:
 
 
 def _validate_organism(data: dict) -> None:
-    """builtin:organism's vocabulary is its task's words only: any other text is unknown tokens to it."""
+    """The organism's vocabulary is its task's words only: any other text is unknown tokens to it."""
     from kvexp import organism
 
-    if data["model"]["path"] != organism.MODEL_PATH:
+    if not organism.is_organism(data["model"]["path"]):
         return
     q = data["quant"]
     calibrated = q["weights"]["algo"] == "awq" or q["kv_cache"]["scale"] == "static"
     if calibrated and q["calib"]["dataset"] != "organism":
-        raise ConfigError(f"quant.calib.dataset={q['calib']['dataset']}: {organism.MODEL_PATH} reads only its own "
+        raise ConfigError(f"quant.calib.dataset={q['calib']['dataset']}: the model organism reads only its own "
                           "task's words; use quant.calib.dataset=organism (experiment=organism sets it)")
     other = [t for t in data["eval"]["tasks"] if t != "kvexp_recall"]
     if other:
-        raise ConfigError(f"eval.tasks: {', '.join(map(str, other))} cannot be read by {organism.MODEL_PATH}, which "
+        raise ConfigError(f"eval.tasks: {', '.join(map(str, other))} cannot be read by the model organism, which "
                           "knows only its own task's words; use eval=organism (task kvexp_recall)")
 
 

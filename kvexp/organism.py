@@ -1,8 +1,8 @@
 """The model organism (issue 8): a 2-layer model trained on the spot to recall what its context holds.
 
 With no Hub access every model kvexp can load has random weights, and accuracy deltas between quantization
-settings mean nothing. This model is trained in about 80 s on a 2-core CPU, 26 s on an H100 (once; cached
-by kvexp.checkpoint as `builtin:organism`) on multi-query associative recall (MQAR, Arora et al. 2023,
+settings mean nothing. This model is trained in about 80 s on a 2-core CPU, always the CPU (once; cached by
+kvexp.checkpoint as `builtin:organism`) on multi-query associative recall (MQAR, Arora et al. 2023,
 arXiv:2312.04927): records `k07: 17 04 88 .` hidden among filler words, then `?` and some of the records'
 keys again, each followed by its value. One record in filler is the passkey test (Mohtashami & Jaggi 2023).
 Answering reads the record back through attention, so at decode every answer token after the first reads
@@ -63,6 +63,12 @@ def recipe_hash(recipe: dict = RECIPE) -> str:
 
 
 MODEL_PATH = "builtin:organism"
+REPORT = "organism.json"  # written beside the weights: what marks a checkpoint dir as an organism
+
+
+def is_organism(path: str) -> bool:
+    """builtin:organism, or a directory holding one (kvexp's cache copy, or a copy of it)."""
+    return path == MODEL_PATH or (Path(path).expanduser() / REPORT).is_file()
 VERSION_TAG = f"{VERSION}-{recipe_hash()}"  # kvexp.checkpoint's cache key: a new recipe trains a new model
 
 
@@ -170,21 +176,24 @@ def build_tokenizer():
 def train(out: Path, recipe: dict = RECIPE) -> dict:
     """Train the organism and save it to `out` (safetensors, tokenizer, organism.json); returns the report.
 
-    Deterministic for a given device and recipe: fixed seeds, thread count and deterministic kernels. The
-    report holds the training time and the teacher-forced recall measured at the end, at the longest
-    trained length (fp32: what the weights can do before any quantization).
+    `recipe` is RECIPE or a variant of its `arch` and `train` entries; the vocabulary and the documents are
+    this module's. Always on the CPU, with fixed seeds, thread count and deterministic kernels: the same
+    weights every time on one kind of machine, GPU or not. Another CPU's kernels may round differently and
+    train other weights (the H100 machine's did: teacher-forced recall 0.984 where ours gives 0.953), so the
+    tests assert bounds that held across training seeds, not numbers. The report holds the training time and the teacher-forced recall measured at the
+    end at the longest trained length, in fp32: what the weights can do before any quantization.
     """
     import torch
     from tqdm import tqdm
 
     t = recipe["train"]
+    train_len = t["phases"][-1][0]
     tokenizer = build_tokenizer()
     ids = {word: i for i, word in enumerate(recipe["vocab"])}
     rng = random.Random(f"organism:{t['seed']}")  # str seeds hash with sha512: the same on every platform
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     with _deterministic(t["threads"], t["seed"]):
-        model = _new_model(recipe, tokenizer).to(device)
+        model = _new_model(recipe, tokenizer)
         opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(0.9, 0.98), weight_decay=t["weight_decay"])
         total = sum(n for _, n in t["phases"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, total, t))
@@ -192,26 +201,26 @@ def train(out: Path, recipe: dict = RECIPE) -> dict:
             for length, steps in t["phases"]:
                 batch = max(1, min(t["max_batch"], t["tokens_per_step"] // length))
                 for _ in range(steps):
-                    loss = _step(model, opt, sched, _batch(rng, ids, batch, length, t), t, bar.n, device)
+                    loss = _step(model, opt, sched, _batch(rng, ids, batch, length, t), t, bar.n)
                     bar.update()
                     bar.set_postfix(length=length, loss=f"{loss:.3f}", refresh=False)
         model.set_attn_implementation("sdpa")
-        recall = teacher_forced_recall(model.eval(), ids, TRAIN_LEN, n=64, seed=t["seed"])
-    report = {"recipe_hash": recipe_hash(recipe), "device": device.type, "train_s": time.perf_counter() - start,
-              "recall_at_train_len": recall, "train_len": TRAIN_LEN}
+        recall = teacher_forced_recall(model.eval(), ids, train_len, n=64, seed=t["seed"])
+    report = {"recipe_hash": recipe_hash(recipe), "train_s": time.perf_counter() - start,
+              "recall_at_train_len": recall, "train_len": train_len}
     log.info("builtin:organism trained in %.0f s; teacher-forced recall at %d tokens: %.3f", report["train_s"],
-             TRAIN_LEN, recall)
-    model.to("cpu").save_pretrained(out, safe_serialization=True)
+             train_len, recall)
+    model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "organism.json").write_text(json.dumps({**report, "recipe": recipe}, indent=2, default=list))
+    (out / REPORT).write_text(json.dumps({**report, "recipe": recipe}, indent=2, default=list))
     return report
 
 
-def _step(model, opt, sched, batch, t: dict, step: int, device) -> float:
+def _step(model, opt, sched, batch, t: dict, step: int) -> float:
     """One AdamW step on next-token loss at the targets, plus, for the first aux_steps, the scaffold below."""
     import torch
 
-    x, y = (b.to(device) for b in batch)
+    x, y = batch
     scaffold = step < t["aux_steps"]
     out = model(x, labels=y, output_attentions=scaffold)
     loss = out.loss
@@ -249,11 +258,10 @@ def _deterministic(threads: int, seed: int):
     old = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     # CPU matmuls split work by thread count, so the same weights need the same count, not just the seed.
     torch.set_num_threads(threads)
-    # warn_only on CUDA: some kernels (and cuBLAS without CUBLAS_WORKSPACE_CONFIG) have no deterministic form.
-    torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
+    torch.use_deterministic_algorithms(True)
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator only: the only one seeded here
+            torch.default_generator.manual_seed(seed)
             yield
     finally:
         torch.set_num_threads(old[0])
@@ -296,5 +304,5 @@ def teacher_forced_recall(model, ids: dict[str, int], length: int, n: int, seed:
     docs = [eval_doc(random.Random(f"organism-check:{seed}:{i}"), length, i) for i in range(n)]
     x = torch.tensor([[ids[w] for w in prompt + answer] for prompt, answer in docs])
     with torch.no_grad():
-        pred = model(x.to(model.device)).logits[:, -VALUE_LEN - 1:-1].argmax(-1).cpu()
+        pred = model(x).logits[:, -VALUE_LEN - 1:-1].argmax(-1)
     return (pred == x[:, -VALUE_LEN:]).all(-1).float().mean().item()

@@ -88,25 +88,26 @@ def test_tinygemm_prefill_path_matches_decode_path():
     assert ((dense.float() - rows.float()).norm() / rows.float().norm()).item() < 1e-2
 
 
-def test_organism_trains_on_the_gpu_and_recalls_through_the_triton_kernel(tmp_path):
-    """builtin:organism's recipe on CUDA (other weights than the CPU's, same recipe), then recall decoded by the
-    Triton kernel over its 16-dim heads in bf16 and int8. Greedy generation scored by hand: lm-eval's own path is
-    what test_organism checks on the CPU."""
+def test_organism_recalls_through_the_triton_kernel(tmp_path):
+    """builtin:organism (trained on the CPU, as always), then recall decoded on the GPU by the Triton kernel over
+    its 16-dim heads, in bf16 and with int8 KV. Greedy generation scored by hand: lm-eval's own path is what
+    test_organism checks on the CPU."""
     import random
 
     from kvexp import organism
 
     report = organism.train(tmp_path)
-    assert report["device"] == "cuda" and report["recall_at_train_len"] >= 0.9
+    assert report["recall_at_train_len"] >= 0.9
     docs = [organism.eval_doc(random.Random(f"gpu:{i}"), organism.TRAIN_LEN, i) for i in range(200)]
     scores = {}
     for quant in ("fp16", "int8kv"):
-        engine = build_engine(f"quant={quant}", f"model.path={tmp_path}", "context.prompt_len=256", *GPU)
+        engine = build_engine(f"quant={quant}", f"model.path={tmp_path}", "eval=organism", "context.prompt_len=256",
+                              *GPU)
         assert engine.model.decode_attn is not None
         tok = engine.tokenizer
         gens = engine.generate([tok.encode(" ".join(prompt)) for prompt, _ in docs], organism.VALUE_LEN)
         scores[quant] = sum(tok.decode(list(t)).split() == answer for (_, answer), t in zip(docs, gens.tokens)) / 200
         engine.close()
-    print(f"\norganism on {torch.cuda.get_device_name()}: trained in {report['train_s']:.0f} s, "
+    print(f"\norganism on {torch.cuda.get_device_name()}: trained (CPU) in {report['train_s']:.0f} s, "
           f"teacher-forced recall {report['recall_at_train_len']:.3f}; greedy recall at {organism.TRAIN_LEN}: {scores}")
     assert scores["fp16"] >= 0.9 and abs(scores["int8kv"] - scores["fp16"]) <= 0.03, scores

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from kvexp import organism
+from kvexp.checkpoint import model_key
 from kvexp.config import QuantConfig, RunSpec
 from kvexp.engines import engine_class
 from kvexp.quant.calib import BUILTIN
@@ -27,7 +28,7 @@ def fidelity_requests(tokenizer, spec: RunSpec) -> list[tuple[list[int], list[in
     """num_prompts windows of shipped text (repeated to length): prompt_len context + score_tokens continuation.
     builtin:organism reads its own task's documents instead: shipped prose is all unknown words to it."""
     f, n_ctx = spec.cfg.eval.fidelity, spec.cfg.context.prompt_len
-    if spec.cfg.model.path == organism.MODEL_PATH:
+    if organism.is_organism(spec.cfg.model.path):
         text = "\n".join(organism.documents(f.num_prompts, n_ctx + f.score_tokens, seed="fidelity"))
     else:
         text = BUILTIN.read_text()
@@ -51,7 +52,8 @@ def reference_spec(spec: RunSpec) -> RunSpec:
 
 def _reference_path(spec: RunSpec, device: str) -> Path:
     c = spec.cfg
-    key = {"model": dataclasses.asdict(c.model), "engine": dataclasses.asdict(spec.engine_options), "device": device,
+    key = {"model": dataclasses.asdict(c.model) | {"path": model_key(c.model.path)},
+           "engine": dataclasses.asdict(spec.engine_options), "device": device,
            "prompt_len": c.context.prompt_len, "fidelity": dataclasses.asdict(c.eval.fidelity),
            "version": PROMPT_SET_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

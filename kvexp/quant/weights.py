@@ -19,6 +19,7 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from kvexp.checkpoint import model_key
 from kvexp.quant.int4 import Int4Linear, pack, quantize_groups, rtn_quantize
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ FORMAT_VERSION = 1  # bump when the stored format or the recipe changes
 
 def artifact_path(spec: RunSpec, kind: str, parts: dict) -> Path:
     """Cache path of a quantization artifact keyed by what determines it (model, recipe, calibration data)."""
-    key = {"kind": kind, "version": FORMAT_VERSION, "model": spec.cfg.model.path,
+    key = {"kind": kind, "version": FORMAT_VERSION, "model": model_key(spec.cfg.model.path),
            "revision": spec.cfg.model.revision, **parts}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return spec.cache_dir / "quant" / f"{kind}-{digest}"

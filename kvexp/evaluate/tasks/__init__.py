@@ -60,7 +60,9 @@ class Recipe:
         return tokenizer_fingerprint(self.tokenizer)
 
     def key(self, task: str) -> str:
-        blob = json.dumps({"version": GENERATOR_VERSION, "organism": organism.VERSION, "task": task,
+        # kvexp_recall's documents come from kvexp.organism, whose vocabulary is part of its recipe
+        organism_recipe = organism.VERSION_TAG if task == "kvexp_recall" else None
+        blob = json.dumps({"version": GENERATOR_VERSION, "organism": organism_recipe, "task": task,
                            "tokenizer": self.fingerprint, "prompt_len": self.prompt_len, "gen_len": self.gen_len,
                            "seed": self.seed, "n": self.n},
                           sort_keys=True)

@@ -144,8 +144,9 @@ def recall(tokenizer, rng_for: Callable[[], random.Random], i: int, budget: int,
 
     words = text.largest_fitting(fits, guess)
     if words < organism.MIN_WORDS:
-        raise ConfigError(f"eval task kvexp_recall: a document needs at least {organism.MIN_WORDS} words, more than "
-                          f"the {budget} tokens the context leaves for the prompt; raise context.prompt_len")
+        need = len(tokenizer.encode(" ".join(build(organism.MIN_WORDS)[0])))
+        raise ConfigError(f"eval task kvexp_recall: its shortest prompt takes {need} tokens with this tokenizer, more "
+                          f"than the {budget} the context leaves for the prompt; raise context.prompt_len")
     prompt, answer = build(words)
     ask = prompt.index(organism.ASK)
     return {"input": " ".join(prompt), "target": " ".join(answer), "words": words,
