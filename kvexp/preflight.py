@@ -26,9 +26,12 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def _split(argv: list[str]) -> tuple[bool, list[str]]:
+def _split(argv: list[str]) -> tuple[bool, list[str], list[str]]:
+    """(multirun?, the job overrides, the hydra.* and hydra/<group> overrides)."""
     multirun = "-m" in argv or "--multirun" in argv
-    return multirun, [a for a in argv if not a.startswith("-") and not a.startswith("hydra")]
+    overrides = [a for a in argv if not a.startswith("-")]
+    hydra = [a for a in overrides if a.startswith("hydra")]
+    return multirun, [a for a in overrides if a not in hydra], hydra
 
 
 def _check_groups(overrides) -> None:
@@ -57,12 +60,16 @@ def _one_line(exc: Exception) -> str:
 
 
 def compose_job(overrides: list[str], hydra_config: bool = False):
+    """The config Hydra composes from these overrides; its errors (unknown keys, wrong types) as ConfigError."""
     from hydra import compose, initialize_config_dir
 
     import kvexp.config  # noqa: F401  (registers the schema)
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides, return_hydra_config=hydra_config)
+    except Exception as e:  # Hydra and OmegaConf raise many types; each is one line for the user
+        raise ConfigError(_one_line(e)) from e
 
 
 def _parse(args: list[str]):
@@ -81,34 +88,27 @@ def _sweeper_params(parsed, hydra_args: list[str]) -> list[str]:
     its hydra.* ones included, and puts them before the command line's, whose values win for the same key;
     plan() does the same.
     """
-    try:
-        cfg = compose_job([o.input_line for o in parsed if not o.is_sweep_override()] + hydra_args,
-                          hydra_config=True)
-    except Exception as e:  # Hydra/OmegaConf composition errors: unknown keys, wrong types
-        raise ConfigError(_one_line(e)) from e
+    cfg = compose_job([o.input_line for o in parsed if not o.is_sweep_override()] + hydra_args, hydra_config=True)
     return [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
 
 
 def plan(argv: list[str]) -> Plan:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-    multirun, args = _split(argv)
+    multirun, args, hydra_args = _split(argv)
     parsed = _parse(args)
     _check_groups(parsed)
     if multirun:
-        args = _sweeper_params(parsed, [a for a in argv if a.startswith("hydra")]) + args
-        parsed = _parse(args)
-        _check_groups(parsed)
+        declared = _sweeper_params(parsed, hydra_args)
+        declared_parsed = _parse(declared)
+        _check_groups(declared_parsed)
+        args, parsed = declared + args, declared_parsed + parsed
     if not multirun and any(o.is_sweep_override() for o in parsed):
         raise ConfigError("a sweep (a=x,y) needs multirun: add -m, e.g. python -m kvexp.run -m quant=fp16,int8kv")
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [args]
     specs = []
     for job in jobs:
-        try:
-            cfg = compose_job(job)
-        except Exception as e:  # Hydra/OmegaConf composition errors: unknown keys, wrong types
-            raise ConfigError(_one_line(e)) from e
-        specs.append(validate(cfg))
+        specs.append(validate(compose_job(job)))
     stores = {(s.cfg.tracking.uri, s.cfg.tracking.experiment) for s in specs}
     if len(stores) > 1:
         raise ConfigError("tracking.uri / tracking.experiment: must be the same for every job of one sweep")

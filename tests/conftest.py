@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# kvexp.run's CLI as a `python -c` program, so a test can run code first (python -c '<prelude><RUN_CLI>' args...)
+RUN_CLI = "import sys\nfrom kvexp.run import main\nsys.exit(main(sys.argv[1:]))\n"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (once this socket is closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

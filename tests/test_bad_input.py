@@ -6,19 +6,17 @@ with its error, never left RUNNING.
 import os
 import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
 import time
 
 import pytest
-from conftest import make_spec
+from conftest import RUN_CLI, free_port, make_spec
 
 from kvexp.tracking import TAG, Tracker
 
 FAST = ["experiment=smoke", "eval=none", "eval.fidelity.enabled=false", "bench=none"]
-RUN = "import sys\nfrom kvexp.run import main\nsys.exit(main(sys.argv[1:]))\n"
 # A full disk, simulated where an artifact's bytes are committed (os.fsync): the first artifact write fails
 DISK_FULL = """
 import errno, os
@@ -26,12 +24,6 @@ def disk_full(fd):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 os.fsync = disk_full
 """
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens there once the socket is closed
 
 
 CASES = [  # id, overrides ({ckpt}: a dir of broken checkpoints), code run first, exit code, the line's pattern
@@ -83,9 +75,9 @@ def ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("args, prelude, code, pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_leaves_no_half_written_run(args, prelude, code, pattern, ckpt, tmp_path):
-    args = [a.format(ckpt=ckpt, port=closed_port()) for a in args]
+    args = [a.format(ckpt=ckpt, port=free_port()) for a in args]
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", prelude + RUN, *FAST, *args], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", prelude + RUN_CLI, *FAST, *args], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env=os.environ.copy())
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == code, proc.stderr[-2000:]

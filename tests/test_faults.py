@@ -13,14 +13,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import make_spec
+from conftest import RUN_CLI, make_spec
+from test_sweep import kvexp_run
 from omegaconf import OmegaConf
 
 from kvexp.tracking import HOST, PARTIAL, TAG, Tracker
 
 FAST = ["experiment=smoke", "eval=none", "eval.fidelity.enabled=false", "bench.iters=1", "bench.warmup=0"]
-# Runs kvexp.run's CLI with its arguments after `prelude` (python -c '<prelude><RUN>' args...).
-RUN = "import sys\nfrom kvexp.run import main\nsys.exit(main(sys.argv[1:]))\n"
 # The job's benchmark announces itself in ./busy, then waits: a job caught mid-run, at a known moment.
 BUSY = """
 import pathlib, time
@@ -46,7 +45,7 @@ def readable_runs(cwd: Path) -> list:
 def start(cwd: Path, args: list[str], prelude: str = "") -> subprocess.Popen:
     """The CLI in the background, its output in files. SIGINT back to its default: a shell without job control
     starts background commands (this test's pytest, maybe) with SIGINT ignored, and children inherit that."""
-    return subprocess.Popen([sys.executable, "-c", prelude + RUN, *args], cwd=cwd, env=os.environ.copy(),
+    return subprocess.Popen([sys.executable, "-c", prelude + RUN_CLI, *args], cwd=cwd, env=os.environ.copy(),
                             stdout=open(cwd / "out.txt", "w"), stderr=open(cwd / "err.txt", "w"), text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
@@ -73,8 +72,7 @@ def test_a_run_left_running_by_sigkill_is_marked_killed_and_run_again(in_tmp):
     proc.wait(timeout=30)
     assert {r.info.status for r in readable_runs(in_tmp)} == {"RUNNING"}  # the job's and the sweep's: orphans
 
-    again = subprocess.run([sys.executable, "-m", "kvexp.run", "-m", *FAST], cwd=in_tmp, capture_output=True,
-                           text=True, timeout=300)
+    again = kvexp_run(in_tmp, "-m", *FAST)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "1 finished, 0 failed" in again.stdout and again.stdout.count("was left RUNNING: marked KILLED") == 2
     jobs, parents = jobs_and_parents(readable_runs(in_tmp))

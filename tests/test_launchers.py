@@ -5,7 +5,6 @@ neither, while every job is there exactly once, FINISHED, under the sweep's one 
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 from kvexp.tracking import PARENT_TAG, TAG, Tracker
 
@@ -20,12 +20,6 @@ PASSWORD = "pw-kvexp-launcher-0123456789"
 HF_TOKEN = "hf_kvexpLauncherTest0123456789abcdef"
 SWEEP = ["-m", "hydra/launcher=kvexp_joblib", "quant=fp16,int8kv", "context.gen_len=8,16,24", "experiment=smoke",
          "eval=none", "eval.fidelity.enabled=false", "bench.iters=1", "bench.warmup=0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_up(proc: subprocess.Popen, url: str, timeout_s: float = 60) -> None:

@@ -37,6 +37,7 @@ OFFLINE_TASKS = (*LONG_TASKS, "kvexp_recall", "kvexp_arith", "kvexp_ppl")
 # Text whose encoding pins down how a tokenizer splits (normalizer, pre-tokenizer, merges, BOS/EOS added).
 PROBE_TEXT = "The pass key is 71432. VAR QPBRX = VAR HJKLM.\nWhat is 7 plus 35? The grass is green."
 SCORER = "!function kvexp.evaluate.tasks.scoring.process_results"
+SCORER_ORDERED = "!function kvexp.evaluate.tasks.scoring.process_results_ordered"
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -67,6 +68,10 @@ class Recipe:
                            "seed": self.seed, "n": self.n},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def budget(self, max_new: int) -> int:
+        """Prompt tokens a generation task may use: prompt_len, less any of max_new that gen_len cannot hold."""
+        return min(self.prompt_len, self.prompt_len + self.gen_len - max_new)
 
     def rng(self, task: str, i: int):
         return generators.sample_rng(task, self.seed, i, GENERATOR_VERSION)
@@ -109,7 +114,7 @@ def _write_long(tmp: Path, final: Path, task: str, recipe: Recipe) -> None:
     rngs = [recipe.rng(task, i) for i in range(recipe.n)]
     probes = [make(rng, i) for i, rng in enumerate(rngs)]
     max_new = generators.max_gen_toks(recipe.tokenizer, probes)
-    budget = min(recipe.prompt_len, recipe.prompt_len + recipe.gen_len - max_new)
+    budget = recipe.budget(max_new)
     docs, guess = [], budget // 12
     for probe, rng in zip(probes, rngs):
         docs.append(generators.fit_probe(recipe.tokenizer, task, probe, filler, rng, budget, guess))
@@ -122,15 +127,14 @@ def _write_recall(tmp: Path, final: Path, task: str, recipe: Recipe) -> None:
     """Associative recall documents filling the budget; the answer is the asked value, then END."""
     answer = " " + " ".join(organism.VALUES[:organism.VALUE_LEN]) + " " + organism.END
     max_new = len(recipe.tokenizer.encode(answer, add_special_tokens=False)) + generators.ANSWER_MARGIN
-    budget = min(recipe.prompt_len, recipe.prompt_len + recipe.gen_len - max_new)
+    budget = recipe.budget(max_new)
     docs, guess = [], budget
     for i in range(recipe.n):
         docs.append(generators.recall(recipe.tokenizer, functools.partial(recipe.rng, task, i), i, budget, guess))
         guess = docs[-1]["words"]
     _write_jsonl(tmp / f"{task}.jsonl", docs)
-    config = _generation_config(task, final / f"{task}.jsonl", max_new)
-    config["generation_kwargs"]["until"] = ["\n", organism.END]
-    _write_yaml(tmp / f"{task}.yaml", config, SCORER.replace("process_results", "process_results_ordered"))
+    # END is ".", one of the generation tasks' stop strings
+    _write_yaml(tmp / f"{task}.yaml", _generation_config(task, final / f"{task}.jsonl", max_new), SCORER_ORDERED)
 
 
 def _write_arith(tmp: Path, final: Path, task: str, recipe: Recipe) -> None:
