@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kvexp.errors import ConfigError, KvexpError
-from kvexp.tracking import TAG, Tracker, first_contact
+from kvexp.tracking import TAG, Tracker
 
 BASELINE = "fp16"
 ARTIFACT_DIR = "compare"
-SEARCH_MAX = 50_000  # MLflow's cap on one search; Tracker.search's default (1000, oldest first) would drop the newest
 
 
 def _bytes(v: float) -> str:
@@ -105,8 +104,7 @@ def _quoted(value: str) -> str:
 
 def query(tracker: Tracker, *filters: str) -> list[Row]:
     """FINISHED job runs (sweep parents are not jobs) matching the MLflow filters, oldest first."""
-    runs = tracker.search(["attributes.status = 'FINISHED'", *filters], max_results=SEARCH_MAX)
-    return [to_row(r) for r in runs if r.data.tags.get(TAG + "sweep") != "true"]
+    return [to_row(r) for r in tracker.jobs("attributes.status = 'FINISHED'", *filters)]
 
 
 def select(tracker: Tracker, sweep_id: Optional[str] = None, **labels: Optional[str]) -> list[Row]:
@@ -123,25 +121,8 @@ def baseline_pool(tracker: Tracker) -> list[Row]:
     return query(tracker, f"tags.`{TAG}quant` = {_quoted(BASELINE)}")
 
 
-def open_store(uri: Optional[str], experiment: str) -> Tracker:
-    """A Tracker on an existing store and experiment: reading must not create an empty store in the cwd."""
-    tracker = Tracker(uri, experiment)
-    if tracker.local and not Path(tracker.uri[len("sqlite:///"):]).is_file():
-        raise ConfigError(f"tracking uri {tracker.shown_uri}: no MLflow store there; run a sweep first "
-                          "(python -m kvexp.run -m ...) or pass --tracking-uri")
-    try:
-        with first_contact():  # an unreachable server fails in seconds, not after minutes of retries
-            found = tracker.client.get_experiment_by_name(experiment)
-    except Exception as e:  # an unreachable server or unreadable store: one line, not a traceback
-        raise ConfigError(f"tracking uri {tracker.shown_uri}: cannot read the MLflow store ({type(e).__name__})") from e
-    if found is None:
-        raise ConfigError(f"--experiment {experiment}: no such experiment in {tracker.shown_uri}")
-    tracker.prepare()  # finds the experiment's id; creates nothing
-    return tracker
-
-
-def sweep_parents(tracker: Tracker) -> list:
-    return tracker.search([f"tags.`{TAG}sweep` = 'true'"], max_results=SEARCH_MAX)
+def sweep_parents(tracker: Tracker, *filters: str) -> list:
+    return tracker.search([f"tags.`{TAG}sweep` = 'true'", *filters])
 
 
 def resolve_sweep(tracker: Tracker, text: str) -> str:
@@ -154,7 +135,7 @@ def resolve_sweep(tracker: Tracker, text: str) -> str:
     prefix = text.removeprefix("sweep-")
     if not re.fullmatch(r"[0-9a-f]+", prefix):
         raise ConfigError(f"--sweep {text}: a sweep id is hex digits (its parent run is named sweep-<id>), or latest")
-    runs = tracker.search([f"tags.`{TAG}sweep_id` LIKE '{prefix}%'"], max_results=SEARCH_MAX)
+    runs = tracker.search([f"tags.`{TAG}sweep_id` LIKE '{prefix}%'"])
     matches = sorted({r.data.tags[TAG + "sweep_id"] for r in runs})
     if len(matches) != 1:
         raise ConfigError(f"--sweep {text}: " + (f"ambiguous: {', '.join(m[:12] for m in matches)}" if matches
@@ -165,13 +146,8 @@ def resolve_sweep(tracker: Tracker, text: str) -> str:
 def baselines(rows: list[Row], pool: list[Row]) -> dict[str, Row]:
     """config hash -> the fp16 row of the same setting: from the rows if there, else the latest in the pool of
     every fp16 run (a filter such as --quant int8kv, or a sweep whose fp16 job was skipped, still gets changes)."""
-    out = {}
-    for row in rows:
-        same = [r for r in pool if r.quant == BASELINE and r.setting == row.setting]
-        own = [r for r in rows if r in same]
-        if own or same:
-            out[row.config_hash] = (own or same)[-1]
-    return out
+    latest = {r.setting: r for r in pool if r.quant == BASELINE} | {r.setting: r for r in rows if r.quant == BASELINE}
+    return {row.config_hash: latest[row.setting] for row in rows if row.setting in latest}
 
 
 def acc_columns(rows: list[Row]) -> list[Column]:
@@ -348,7 +324,7 @@ def write_report(rows: list[Row], pool: list[Row], out_dir: Path, title: str) ->
 
 def log_to_parent(tracker: Tracker, sweep_id: str, files: list[Path]) -> Optional[str]:
     """Log the report's files under the sweep's parent run; its run name, or None for a command without one."""
-    parents = [p for p in sweep_parents(tracker) if p.data.tags.get(TAG + "sweep_id") == sweep_id]
+    parents = sweep_parents(tracker, f"tags.`{TAG}sweep_id` = {_quoted(sweep_id)}")
     if not parents:
         return None
     for path in files:  # these files only: --out may be a folder with other things in it
@@ -382,7 +358,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        tracker = open_store(args.tracking_uri, args.experiment)
+        tracker = Tracker.open_existing(args.tracking_uri, args.experiment)
         sweep_id = resolve_sweep(tracker, args.sweep) if args.sweep else None
         rows = select(tracker, sweep_id, model=args.model, quant=args.quant, engine=args.engine, context=args.context)
         if not rows:

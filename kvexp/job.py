@@ -62,8 +62,7 @@ def run_job(spec: RunSpec, resolved_yaml: str, overrides: list[str], out_dir: Pa
         tracker.log_text(run_id, "\n".join(overrides) + "\n", "overrides.txt")
         execute(spec, tracker, run_id, out_dir)
     except KeyboardInterrupt:
-        tracker.set_tags(run_id, {TAG + "killed_reason": "interrupted (Ctrl-C / SIGINT)"})
-        tracker.end(run_id, "KILLED")
+        tracker.kill(run_id, "interrupted (Ctrl-C / SIGINT)")
         raise
     except Exception as e:  # any failure ends this run, never the sweep
         log.error("%s FAILED: %s: %s (traceback in the run's error.txt)", run_name(spec), type(e).__name__,

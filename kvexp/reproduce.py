@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from kvexp.compare import open_store
 from kvexp.errors import ConfigError, KvexpError
 from kvexp.tracking import TAG, Tracker
 
@@ -53,12 +52,6 @@ def find_run(tracker: Tracker, prefix: str):
     return (originals or finished)[0]
 
 
-def artifact_text(tracker: Tracker, run_id: str, name: str) -> str:
-    # Tracker has no download method yet (the lead's module); this is the one place that reads an artifact.
-    with tempfile.TemporaryDirectory() as tmp:
-        return Path(tracker.client.download_artifacts(run_id, name, tmp)).read_text()
-
-
 def rerun(tracker: Tracker, run):
     """Run the logged config again as a new run in the same store; the new run, or None if it FAILED."""
     from omegaconf import OmegaConf
@@ -67,7 +60,7 @@ def rerun(tracker: Tracker, run):
     from kvexp.job import run_job
 
     run_id = run.info.run_id
-    logged = OmegaConf.create(artifact_text(tracker, run_id, "config.yaml"))
+    logged = OmegaConf.create(tracker.read_text(run_id, "config.yaml"))
     # The schema only types the logged YAML (a plain DictConfig would validate to a dict); it composes nothing.
     cfg = OmegaConf.merge(OmegaConf.structured(KvexpConfig), logged)
     cfg.force = True  # the original is FINISHED with this hash: without force, run_job would skip
@@ -77,7 +70,7 @@ def rerun(tracker: Tracker, run):
     if spec.config_hash != original_hash:
         print(f"note: the logged config now hashes to {spec.config_hash[:16]}, not {original_hash[:16]} "
               "(kvexp's schema changed since); re-running the logged config as it is")
-    overrides = artifact_text(tracker, run_id, "overrides.txt").splitlines()  # one per line; may hold spaces
+    overrides = tracker.read_text(run_id, "overrides.txt").splitlines()  # one per line; may hold spaces
     with tempfile.TemporaryDirectory() as out_dir:
         status = run_job(spec, OmegaConf.to_yaml(cfg), overrides, Path(out_dir), extra_tags={REPRODUCES: run_id})
     new = tracker.search([f"tags.`{TAG}{REPRODUCES}` = '{run_id}'"])[-1]
@@ -115,7 +108,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per one-file download is noise
     try:
-        tracker = open_store(args.tracking_uri, args.experiment)
+        tracker = Tracker.open_existing(args.tracking_uri, args.experiment)
         original = find_run(tracker, args.hash.lower())
         new = rerun(tracker, original)
     except KvexpError as e:

@@ -90,7 +90,7 @@ def launch() -> Optional[str]:
 
 def finish(tracker: Tracker, sweep_id: str, parent: Optional[str], jobs: int, stopped: Optional[str]) -> int:
     """End what the jobs could not (a run whose process died or was interrupted), report, close the parent run."""
-    tracker.reap_stale(r for r in tracker.sweep_runs(sweep_id) if r.info.status == "RUNNING")
+    tracker.reap_stale(tracker.sweep_runs(sweep_id))
     if parent:  # the side-by-side table (also logged to the parent run as text, PNG and HTML) before the summary
         from kvexp.compare import sweep_table
 

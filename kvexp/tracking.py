@@ -43,6 +43,9 @@ HOST = socket.gethostname()
 # contact with a server fails fast instead; later calls keep MLflow's retries, which ride out a server restart.
 FIRST_CONTACT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# MLflow's cap on one search. Its default, 1000, would silently drop the newest runs of a bigger store: searches
+# are ordered oldest first.
+SEARCH_MAX = 50_000
 
 # SQLAlchemy databases (a sqlite file by default), a tracking server, Databricks, and MLflow's file store (a file://
 # URI or a plain path, which MLflow >= 3.13 refuses itself unless MLFLOW_ALLOW_FILE_STORE=true: FACTS.md).
@@ -104,7 +107,7 @@ def _write_atomic(dest: Path, data: bytes) -> None:
 
 
 @contextmanager
-def first_contact() -> Iterator[None]:
+def _first_contact() -> Iterator[None]:
     """FIRST_CONTACT_ENV for the duration, unless the user set those variables themselves."""
     added = {k: v for k, v in FIRST_CONTACT_ENV.items() if k not in os.environ}
     os.environ.update(added)
@@ -170,8 +173,27 @@ class Tracker:
         return self._client
 
     @property
+    def db_file(self) -> Optional[Path]:
+        return Path(self.uri[len("sqlite:///"):]) if self.local else None
+
+    @property
     def store_dir(self) -> Optional[Path]:
-        return Path(self.uri[len("sqlite:///"):]).parent if self.local else None
+        return self.db_file.parent if self.local else None
+
+    @classmethod
+    def open_existing(cls, uri: Optional[str], experiment: str) -> Tracker:
+        """A Tracker on a store and experiment that exist already: a reader (compare, ui, reproduce) must not create
+        an empty store in the cwd, nor an experiment from a misspelt name."""
+        tracker = cls(uri, experiment)
+        if tracker.local and not tracker.db_file.is_file():
+            raise ConfigError(f"tracking.uri={tracker.shown_uri}: no MLflow store there; run a sweep first "
+                              "(python -m kvexp.run -m ...) or pass --tracking-uri")
+        exp = tracker._find_experiment()
+        if exp is None:
+            raise ConfigError(f"experiment {experiment}: no such experiment in {tracker.shown_uri}; "
+                              "pass --experiment")
+        tracker._experiment_id = exp.experiment_id
+        return tracker
 
     def prepare(self) -> str:
         """Create the store schema and the experiment if needed (once, under a lock); return the experiment id."""
@@ -189,19 +211,23 @@ class Tracker:
             self._experiment_id = self._get_or_create()
         return self._experiment_id
 
-    def _get_or_create(self) -> str:
+    def _find_experiment(self):
+        """The experiment, or None if the store has none of that name; a ConfigError if the store cannot be read."""
         scheme = urlparse(self.uri).scheme.split("+")[0]  # postgresql+psycopg2 -> postgresql
         if scheme not in STORE_SCHEMES:
             raise ConfigError(f"tracking.uri={self.shown_uri}: not an MLflow store kvexp supports; use "
                               "sqlite:///<abs path>.db, http(s)://host:port (tracking=server) or postgresql://...")
         try:
-            with first_contact():
-                exp = self.client.get_experiment_by_name(self.experiment)
+            with _first_contact():
+                return self.client.get_experiment_by_name(self.experiment)
         except Exception as e:  # an unreachable server or unreadable store: one line, not a traceback
             fix = "start the server (README, \"Tracking server\") or fix tracking.uri" if scheme.startswith("http") \
                 else "point tracking.uri at an MLflow store (default: sqlite:///<cwd>/mlruns/mlflow.db)"
             raise ConfigError(f"tracking.uri={self.shown_uri}: cannot open the MLflow store ({_reason(e)}); {fix}") \
                 from e
+
+    def _get_or_create(self) -> str:
+        exp = self._find_experiment()
         if exp is not None:
             return exp.experiment_id
         location = (self.store_dir / "artifacts" / self.experiment).as_uri() if self.local else None
@@ -275,29 +301,35 @@ class Tracker:
         finally:
             self.end(run_id, "FAILED")
 
+    def kill(self, run_id: str, reason: str) -> None:
+        """End the run KILLED with why as the kvexp.killed_reason tag. The status is always set, as in fail()."""
+        try:
+            self.set_tags(run_id, {TAG + "killed_reason": reason})
+        finally:
+            self.end(run_id, "KILLED")
+
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status=status)
 
     def reap_stale(self, runs: Iterable) -> list[tuple[Any, str]]:
-        """Mark KILLED those of runs (RUNNING ones) whose process is gone, with a kvexp.killed_reason tag; return
+        """Mark KILLED those of runs that are RUNNING but whose process is gone, with a kvexp.killed_reason tag; return
         (run, reason) for each. Only runs started on this host are judged: other hosts' processes are not visible."""
         reaped = []
         for run in runs:
             reason = stale_reason(run.data.tags) if run.info.status == "RUNNING" else None
             if reason is None:
                 continue
-            self.set_tags(run.info.run_id, {TAG + "killed_reason": reason})
+            self.kill(run.info.run_id, reason)
             root = _local_dir(run.info.artifact_uri)
             for partial in root.rglob(PARTIAL + "*") if root and root.is_dir() else ():
                 partial.unlink(missing_ok=True)
-            self.end(run.info.run_id, "KILLED")
             reaped.append((run, reason))
         return reaped
 
     # ---- look-ups ----
-    def search(self, filters: Iterable[str] = (), max_results: int = 1000) -> list:
+    def search(self, filters: Iterable[str] = ()) -> list:
         query = " and ".join(filters)
-        return self.client.search_runs([self.prepare()], filter_string=query, max_results=max_results,
+        return self.client.search_runs([self.prepare()], filter_string=query, max_results=SEARCH_MAX,
                                        order_by=["attributes.start_time ASC"])
 
     def find_finished(self, config_hash: str):
@@ -305,12 +337,21 @@ class Tracker:
         return runs[0] if runs else None
 
     def running(self, *filters: str) -> list:
-        return self.search(["attributes.status = 'RUNNING'", *filters], max_results=50_000)
+        return self.search(["attributes.status = 'RUNNING'", *filters])
+
+    def jobs(self, *filters: str) -> list:
+        """The job runs matching the filters, oldest first: not a sweep's parent run. (MLflow cannot filter on a
+        tag's absence: `tags.x != 'true'` skips runs without the tag, i.e. every job.)"""
+        return [r for r in self.search(filters) if r.data.tags.get(TAG + "sweep") != "true"]
 
     def sweep_runs(self, sweep_id: str) -> list:
         """The job runs of one command (not the sweep's parent run)."""
-        return [r for r in self.search([f"tags.`{TAG}sweep_id` = '{sweep_id}'"])
-                if r.data.tags.get(TAG + "sweep") != "true"]
+        return self.jobs(f"tags.`{TAG}sweep_id` = '{sweep_id}'")
+
+    def read_text(self, run_id: str, name: str) -> str:
+        """The text of the run's artifact name (a path under its artifact root)."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return Path(self.client.download_artifacts(run_id, name, tmp)).read_text()
 
 
 def stale_reason(tags: dict[str, str]) -> Optional[str]:

@@ -17,7 +17,6 @@ import time
 import urllib.request
 from typing import Optional
 
-from kvexp.compare import open_store
 from kvexp.errors import ConfigError, KvexpError
 from kvexp.tracking import Tracker
 
@@ -119,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not is_loopback(args.host) and not args.allow_remote:
             raise ConfigError(f"--host {args.host}: not a loopback address, and the MLflow UI has no login; "
                               "pass --allow-remote to serve it to the network anyway")
-        tracker = open_store(args.tracking_uri, args.experiment)
+        tracker = Tracker.open_existing(args.tracking_uri, args.experiment)
         check_port(args.host, args.port)
     except KvexpError as e:
         print(f"kvexp.ui: error: {e}", file=sys.stderr)

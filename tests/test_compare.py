@@ -5,7 +5,7 @@ import pytest
 from test_sweep import kvexp_run
 
 from kvexp import compare
-from kvexp.tracking import TAG, Tracker
+from kvexp.tracking import TAG, Tracker, default_uri
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def store(tmp_path_factory, offline_env):
     proc = kvexp_run(cwd, "-m", "quant=fp16,int8kv", "context.prompt_len=32,64", "experiment=smoke", "eval=none",
                      "bench.iters=1", "bench.warmup=0")  # accuracy is logged by the test below: lm-eval is slow
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tracker = Tracker(f"sqlite:///{cwd}/mlruns/mlflow.db", "kvexp")
+    tracker = Tracker(default_uri(cwd), "kvexp")
     runs = {(r.data.tags[TAG + "quant"], int(r.data.params["context.prompt_len"])): r
             for r in tracker.search() if r.data.tags.get(TAG + "sweep") != "true"}
     sweep_id = next(iter(runs.values())).data.tags[TAG + "sweep_id"]

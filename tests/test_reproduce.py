@@ -3,7 +3,7 @@ import pytest
 from test_sweep import kvexp_run
 
 from kvexp import reproduce
-from kvexp.tracking import TAG, Tracker
+from kvexp.tracking import TAG, Tracker, default_uri
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def store(tmp_path_factory, offline_env):
     proc = kvexp_run(cwd, "quant=int8kv", "experiment=smoke", "eval.tasks=[kvexp_arith]", "eval.limit=2",
                      "bench.iters=1", "bench.warmup=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    tracker = Tracker(f"sqlite:///{cwd}/mlruns/mlflow.db", "kvexp")
+    tracker = Tracker(default_uri(cwd), "kvexp")
     return tracker, tracker.search()[0]
 
 

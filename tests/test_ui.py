@@ -5,10 +5,8 @@ the sweep's job runs must show the experiment's name, each run's name and its kv
 endpoints the page reads are checked against the store as well.
 """
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,11 +14,13 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
+from conftest import free_port
 from test_sweep import kvexp_run
 
 from kvexp import ui
-from kvexp.tracking import TAG, Tracker
+from kvexp.tracking import TAG, Tracker, default_uri
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -38,35 +38,12 @@ def store(tmp_path_factory, offline_env):
     proc = kvexp_run(cwd, "-m", "quant=fp16,int8kv", "experiment=smoke", "eval=none", "bench=none",
                      "eval.fidelity.enabled=false", f"tracking.experiment={EXP}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return Tracker(f"sqlite:///{cwd}/mlruns/mlflow.db", EXP)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below pid (from /proc), so none of what the test started can outlive it."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited while we read
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
+    return Tracker(default_uri(cwd), EXP)
 
 
 def terminate(server: subprocess.Popen) -> list[int]:
     """SIGTERM kvexp.ui, which must stop its server's process group; kill and return whatever it left behind."""
-    below = descendants(server.pid)
+    below = psutil.Process(server.pid).children(recursive=True)  # so none of what the test started outlives it
     server.send_signal(signal.SIGTERM)
     try:
         server.wait(timeout=30)
@@ -74,22 +51,10 @@ def terminate(server: subprocess.Popen) -> list[int]:
         server.kill()
         server.wait()
     time.sleep(1)  # the server's own children exit after it
-    survivors = [pid for pid in below if Path(f"/proc/{pid}").exists()]
-    for pid in survivors:
-        os.kill(pid, signal.SIGKILL)
-    return survivors
-
-
-def wait_health(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"kvexp.ui exited with {proc.returncode}: {log.read_text()[-2000:]}"
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise AssertionError("the MLflow server did not answer /health within 120 s")
+    survivors = [p for p in below if p.is_running()]
+    for p in survivors:
+        p.kill()
+    return [p.pid for p in survivors]
 
 
 def api(url: str, endpoint: str, body: dict | None = None) -> dict:
@@ -117,7 +82,8 @@ def test_the_ui_shows_the_experiment_runs_and_config_hashes(store, tmp_path):
                                    store.uri, "--experiment", EXP], cwd=tmp_path, stdout=subprocess.PIPE,
                                   stderr=err, text=True, start_new_session=True)
     try:
-        wait_health(server, url, log)
+        assert ui.wait_ready(server, url), (f"kvexp.ui exited with {server.poll()}, or its server did not answer "
+                                            f"/health within {ui.START_TIMEOUT_S} s: {log.read_text()[-2000:]}")
         assert "kvexp.ui: MLflow UI at http://127.0.0.1:" in server.stdout.readline()
         exp_id = api(url, f"experiments/get-by-name?experiment_name={EXP}")["experiment"]["experiment_id"]
         runs = api(url, "runs/search", {"experiment_ids": [exp_id]})["runs"]
