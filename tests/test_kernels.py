@@ -1,40 +1,25 @@
 """kvexp.kernels: references vs float64 textbook math, kernels vs references, write_kv bit-exact vs the
 cache classes of kvexp.quant.kv.
 
-Kernel tests run on CUDA, or on CPU through Triton's interpreter (the kernel modules are re-imported with
-TRITON_INTERPRET=1). Under the interpreter attention runs in fp16 only: its tl.dot multiplies bfloat16's
-raw uint16 storage. It also needs triton >= 3.7 when numpy >= 2.4 (triton#9171).
+Kernel tests run on CUDA, or on CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before the kernel modules are imported). Under the interpreter attention runs in fp16 only: its tl.dot
+multiplies bfloat16's raw uint16 storage. It also needs triton >= 3.7 when numpy >= 2.4 (triton#9171).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
-import sys
 import types
 
 import numpy as np
 import pytest
 import torch
 
+from kvexp.kernels import decode_attention as da, kv_write as kw
+from kvexp.kernels.decode_attention import decode_attention_ref
+from kvexp.quant.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dynamic_scale, quantize
+
 CUDA = torch.cuda.is_available()
-
-
-def _import_kernel_modules():
-    """Import the kernel modules; on a CPU-only machine with Triton's interpreter on. Triton reads
-    TRITON_INTERPRET as each @triton.jit function is defined (its own tl.cdiv, tl.sum, ... included) and
-    again while interpreting, so it is set before triton is first imported and left on: without CUDA the
-    interpreter is the only way any Triton code runs."""
-    if not CUDA and "triton" not in sys.modules:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    from kvexp.kernels import decode_attention, kv_write
-    return decode_attention, kv_write
-
-
-da, kw = _import_kernel_modules()
-from kvexp.kernels.decode_attention import decode_attention_ref  # noqa: E402
-from kvexp.quant.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dynamic_scale, quantize  # noqa: E402
-
 DEVICE = "cuda" if CUDA else "cpu"
 CASES = [("dense", None), ("int8", "dynamic"), ("int8", "static"), ("fp8", "dynamic"), ("fp8", "static")]
 ATTN_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # rel. error vs reference; observed ~1e-4 in fp16
@@ -52,7 +37,7 @@ def _kernel_skip_reason() -> str | None:
     if CUDA:
         return None
     if type(da._split_kernel).__name__ != "InterpretedFunction":
-        return ("triton was imported before this module could turn its interpreter on: "
+        return ("triton was imported before tests/conftest.py could turn its interpreter on: "
                 "run `TRITON_INTERPRET=1 pytest tests/test_kernels.py`")
     if _version(np.__version__) >= (2, 4) and _version(triton.__version__) < (3, 7):
         return (f"triton {triton.__version__}'s interpreter fails under numpy {np.__version__} (triton#9171, "
@@ -257,21 +242,6 @@ def _junk(t: torch.Tensor, g: torch.Generator) -> None:
         t.copy_(torch.randn(t.shape, generator=g) * 10)
 
 
-def _class_write(cache: KVCache, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-    """What KVCache / QuantizedKVCache.write stores for one new token per sequence (k, v [B, Hkv, D])."""
-    if cache.k[0].dtype != torch.float8_e4m3fn:
-        cache.write(0, k[:, :, None], v[:, :, None], pos)
-        return
-    # QuantizedKVCache.write places values with scatter_, which has no float8 kernel on CPU or CUDA
-    # (torch 2.13): place the class's own quantization (_quantize) by indexing the bytes instead.
-    b = torch.arange(k.shape[0])
-    for values, scales, x in ((cache.k, cache.k_scale, k), (cache.v, cache.v_scale, v)):
-        q, s = cache._quantize(x[:, :, None], scales[0])
-        values[0].view(torch.uint8)[b, :, pos] = q[:, :, 0].view(torch.uint8)
-        if s is not None:
-            scales[0][b, :, pos] = s[:, :, 0]
-
-
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=["pos32", "pos64"])
 @pytest.mark.parametrize("fmt,scales", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -290,7 +260,7 @@ def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype):
         _junk(t, g)
     mine = [t.clone().to(DEVICE) for t in (ref.k[0], ref.v[0])]
     mine += [None, None] if fmt == "dense" else [ref.k_scale[0].clone().to(DEVICE), ref.v_scale[0].clone().to(DEVICE)]
-    _class_write(ref, k, v, pos)
+    ref.write(0, k[:, :, None], v[:, :, None], pos)  # the torch path: fused_write is off
     kernels.write_kv(k.to(DEVICE), v.to(DEVICE), *mine, pos.to(pos_dtype).to(DEVICE), fmt)
     expected = [ref.k[0], ref.v[0]] + ([] if fmt == "dense" else [ref.k_scale[0], ref.v_scale[0]])
     for got, want in zip(mine, expected):

@@ -267,11 +267,10 @@ def _dequantize_all(x: torch.Tensor, scale: Optional[torch.Tensor], fmt: str, mo
 
 
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: Optional[torch.Tensor],
-                         v_scale: Optional[torch.Tensor], lengths: torch.Tensor, sm_scale: float, fmt: str,
-                         num_splits: Optional[int] = None) -> torch.Tensor:
+                         v_scale: Optional[torch.Tensor], lengths: torch.Tensor, sm_scale: float,
+                         fmt: str) -> torch.Tensor:
     """decode_attention in plain PyTorch (any device, q of any float dtype): K/V dequantized to float32,
-    masked softmax in float32. num_splits is accepted so the two swap freely; it does not change the math.
-    Returns [B, Hq, D] in q's dtype."""
+    masked softmax in float32. Returns [B, Hq, D] in q's dtype."""
     mode = _check(q, k, v, k_scale, v_scale, lengths, fmt)
     (B, hq, D), (_, hkv, tmax, _) = q.shape, k.shape
     kf, vf = _dequantize_all(k, k_scale, fmt, mode), _dequantize_all(v, v_scale, fmt, mode)

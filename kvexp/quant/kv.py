@@ -74,11 +74,17 @@ class KVCache:
 
     def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, fused_write: bool = False):
+        self._init_storage(layers, batch, kv_heads, max_len, head_dim, dtype, device, fused_write, dtype, head_dim)
+
+    def _init_storage(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                      device: torch.device, fused_write: bool, storage: torch.dtype, width: int) -> None:
+        """The attributes every cache shares and zeroed K and V values: per layer [B, Hkv, T, width] of
+        `storage` (dtype stays the model's: what read returns)."""
         self.layers, self.batch, self.kv_heads, self.max_len, self.head_dim = layers, batch, kv_heads, max_len, head_dim
         self.dtype, self.device, self.fused_write = dtype, torch.device(device), fused_write
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        shape = (batch, kv_heads, max_len, width)
+        self.k = [torch.zeros(shape, dtype=storage, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=storage, device=device) for _ in range(layers)]
 
     @staticmethod
     def _index(pos: torch.Tensor, n: int) -> torch.Tensor:
@@ -126,13 +132,9 @@ class QuantizedKVCache(KVCache):
     def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, fmt: KVFormat,
                  static_scales: Optional[tuple[torch.Tensor, torch.Tensor]] = None, fused_write: bool = False):
-        self.layers, self.batch, self.kv_heads, self.max_len, self.head_dim = layers, batch, kv_heads, max_len, head_dim
-        self.dtype, self.device, self.fmt, self.fused_write = dtype, torch.device(device), fmt, fused_write
-        self.fmt_name = fmt.name
-        width = head_dim // 2 if fmt.packed else head_dim
-        shape = (batch, kv_heads, max_len, width)
-        self.k = [torch.zeros(shape, dtype=fmt.storage, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=fmt.storage, device=device) for _ in range(layers)]
+        self._init_storage(layers, batch, kv_heads, max_len, head_dim, dtype, device, fused_write, fmt.storage,
+                           head_dim // 2 if fmt.packed else head_dim)
+        self.fmt, self.fmt_name = fmt, fmt.name
         self.static = static_scales is not None
         if self.static:
             # static_scales: (k [L, Hkv], v [L, Hkv]) float32 from calibration (amax / qmax)

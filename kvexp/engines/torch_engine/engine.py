@@ -44,6 +44,11 @@ def resolve_device(opt: TorchOptions) -> torch.device:
     return torch.device(opt.device)
 
 
+def kv_format(kv_dtype: str) -> str:
+    """The fmt_name of the cache new_cache builds for quant.kv_cache.dtype: what the kernels call its format."""
+    return KVCache.fmt_name if kv_dtype == "auto" else FORMATS[kv_dtype].name
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
@@ -71,9 +76,16 @@ class TorchEngine(Engine):
 
             if device.type != "cuda" or not triton_available():
                 raise UnsupportedConfig("engine.attention=triton: needs a CUDA GPU and triton; use engine.attention=auto")
-            if spec.cfg.quant.kv_cache.dtype == "int4":
-                raise UnsupportedConfig("engine.attention=triton: the Triton kernel reads fp16/bf16, int8 and fp8 "
-                                        "caches; int4 KV runs with engine.attention=auto|torch")
+            from kvexp.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
+
+            kv_dtype, dtype = spec.cfg.quant.kv_cache.dtype, resolve_dtype(spec.cfg.model.dtype, device)
+            if kv_format(kv_dtype) not in KERNEL_FORMATS:
+                raise UnsupportedConfig(f"engine.attention=triton: the Triton kernel reads {', '.join(KERNEL_FORMATS)} "
+                                        f"caches, not quant.kv_cache.dtype={kv_dtype}; use engine.attention=auto|torch")
+            if dtype not in MODEL_DTYPES:
+                names = "|".join(str(d).removeprefix("torch.") for d in MODEL_DTYPES)
+                raise UnsupportedConfig(f"engine.attention=triton: the Triton kernel takes {names} queries, not "
+                                        f"model.dtype={spec.cfg.model.dtype}; use model.dtype=auto|{names}")
 
     # ---- build ----
     def build(self) -> BuildInfo:
@@ -120,22 +132,22 @@ class TorchEngine(Engine):
 
     def _decode_attention(self):
         """The fused Triton kernel on CUDA for the formats it reads; None = the PyTorch reference path."""
-        fmt = self.spec.cfg.quant.kv_cache.dtype
-        if self.options.attention == "torch" or self.device.type != "cuda" or fmt == "int4":
+        if self.options.attention == "torch" or self.device.type != "cuda":
             return None
         from kvexp.kernels import triton_available
+        from kvexp.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
 
-        if not triton_available():
+        # int4 KV and float32 models get here only with engine.attention=auto (check_supported rejects triton)
+        fmt = kv_format(self.spec.cfg.quant.kv_cache.dtype)
+        if not triton_available() or fmt not in KERNEL_FORMATS or self.dtype not in MODEL_DTYPES:
             return None
         from kvexp.kernels.decode_attention import decode_attention
 
         sm_scale = self.arch.head_dim ** -0.5
-        name = "dense" if fmt == "auto" else fmt
-        if self.dtype not in (torch.float16, torch.bfloat16):
-            return None  # the kernels take 16-bit queries; float32 runs use the reference path
 
         def attend(q, cache, layer, lengths):
-            return decode_attention(q, cache.k[layer], cache.v[layer], *cache.scales(layer), lengths, sm_scale, name)
+            return decode_attention(q, cache.k[layer], cache.v[layer], *cache.scales(layer), lengths, sm_scale,
+                                    cache.fmt_name)
 
         return attend
 
