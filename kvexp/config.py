@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from kvexp.errors import ConfigError, UnsupportedConfig
+from kvexp.errors import ConfigError
 
 
 @dataclass
@@ -222,13 +222,10 @@ def validate(cfg: DictConfig) -> RunSpec:
     typed: KvexpConfig = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
     spec = RunSpec(cfg=typed, engine_options=options, config_hash=config_hash(cfg))
     cls.check_supported(spec)
-    if typed.bench.profile != "none":
+    if typed.bench.profile in ("ncu", "nsys"):  # which engines may profile is a capability (check_supported)
         from kvexp.bench.profile import require_tool
 
-        if options.name != "torch":
-            raise UnsupportedConfig(f"bench.profile={typed.bench.profile}: profiles kvexp's own engine; use engine=torch")
-        if typed.bench.profile in ("ncu", "nsys"):
-            require_tool(typed.bench.profile)
+        require_tool(typed.bench.profile)
     from kvexp.checkpoint import check_model  # local paths and cached Hub configs only: no download
     from kvexp.evaluate.accuracy import check_tasks  # task names, before any model is built
 

@@ -1,17 +1,18 @@
-"""bench.profile: the torch-profiler path on the tiny model (CPU), kernel classification, phase attribution of
-CUDA kernels in a kineto trace, the ncu/nsys command lines and CSV parsing, and the one-line missing-tool errors."""
+"""bench.profile: the torch-profiler path on the tiny model (CPU), which engines may profile, kernel classification,
+phase attribution of CUDA kernels in a kineto trace, the ncu/nsys command lines and CSV parsing, the engine freed
+before the profiled child starts, and the one-line missing-tool errors."""
 import copy
 import csv
 import dataclasses
 import json
 import shutil
 import stat
-from types import SimpleNamespace
+import subprocess
 
 import pytest
 import torch
 
-from conftest import build_engine
+from conftest import build_engine, make_spec
 from kvexp.bench import profile
 from kvexp.errors import MissingDependency, UnsupportedConfig
 
@@ -72,10 +73,11 @@ def test_torch_profile_writes_trace_summary_and_metrics(engine, tmp_path):
                                       for line in text.splitlines())
 
 
-def test_torch_profile_needs_a_pytorch_model(engine, tmp_path):
-    stub = SimpleNamespace(device=torch.device("cpu"))
-    with pytest.raises(UnsupportedConfig, match="no PyTorch model"):
-        profile.profile_run(stub, with_profile(engine.spec, "torch"), tmp_path)
+def test_profiling_is_an_engine_capability(tmp_path):
+    # trtllm has no PyTorch model to mark: rejected at validation, before anything is built
+    with pytest.raises(UnsupportedConfig, match="bench.profile=torch: not supported by engine=trtllm; "
+                                                "supported by engine=torch"):
+        make_spec("engine=trtllm", "engine.dry_run=true", "bench.profile=torch", f"cache_dir={tmp_path}")
 
 
 # ---- classification ----
@@ -243,6 +245,21 @@ def test_ncu_command(engine, tmp_path, monkeypatch):
     assert child.config_hash == spec.config_hash
 
 
+@pytest.fixture
+def child_runs(engine, monkeypatch):
+    """In order: "close" per engine.close() (a stand-in, so the module's engine stays built) and "run" per tool run."""
+    events = []
+    run = subprocess.run
+
+    def spy_run(command, **kwargs):
+        events.append("run")
+        return run(command, **kwargs)
+
+    monkeypatch.setattr(engine, "close", lambda: events.append("close"))
+    monkeypatch.setattr(profile.subprocess, "run", spy_run)
+    return events
+
+
 def fake_tool(tmp_path, name: str, script: str) -> str:
     path = tmp_path / "bin" / name
     path.parent.mkdir(exist_ok=True)
@@ -251,7 +268,7 @@ def fake_tool(tmp_path, name: str, script: str) -> str:
     return str(path)
 
 
-def test_ncu_run_end_to_end_with_a_recorded_csv(engine, tmp_path, monkeypatch):
+def test_ncu_run_end_to_end_with_a_recorded_csv(engine, tmp_path, monkeypatch, child_runs):
     (tmp_path / "recorded.csv").write_text(NCU_CSV)
     # a stand-in ncu that writes the recorded CSV where --log-file says
     tool = fake_tool(tmp_path, "ncu",
@@ -264,6 +281,7 @@ def test_ncu_run_end_to_end_with_a_recorded_csv(engine, tmp_path, monkeypatch):
     assert_fractions_sum_to_one(metrics, "prof.ncu_")
     assert {r["kernel"] for r in read_rows(out / "kernels.csv")} == {"_split_kernel", "gemv2T_kernel_val"}
     assert (out / "profile_config.yaml").exists()
+    assert child_runs == ["close", "run"]  # the child builds its own engine: the parent's is freed first
 
 
 # ---- nsys ----
@@ -276,7 +294,7 @@ NSYS_CSV = "\n".join([
 ])
 
 
-def test_nsys_run_end_to_end_with_a_recorded_summary(engine, tmp_path, monkeypatch):
+def test_nsys_run_end_to_end_with_a_recorded_summary(engine, tmp_path, monkeypatch, child_runs):
     (tmp_path / "kern_sum.csv").write_text(NSYS_CSV)
     tool = fake_tool(tmp_path, "nsys", f'[ "$1" = stats ] && cat {tmp_path}/kern_sum.csv\nexit 0\n')
     monkeypatch.setattr(shutil, "which", lambda name: tool if name == "nsys" else None)
@@ -286,6 +304,7 @@ def test_nsys_run_end_to_end_with_a_recorded_summary(engine, tmp_path, monkeypat
     assert_fractions_sum_to_one(metrics, "prof.decode_")
     rows = read_rows(tmp_path / "out" / "kernels.csv")
     assert [(r["kernel"], r["count"]) for r in rows][1] == ("_split_kernel", "160")
+    assert child_runs == ["close", "run", "run"]  # freed before `nsys profile`; `nsys stats` reads its report
 
 
 @pytest.mark.parametrize("mode, message", [

@@ -41,7 +41,7 @@ import torch
 
 from kvexp.bench.perf import bench_prompts, copy_bandwidth, decode_bytes_per_step
 from kvexp.config import RunSpec
-from kvexp.errors import MissingDependency, UnsupportedConfig
+from kvexp.errors import MissingDependency
 
 CLASSES = ("attention", "matmul", "elementwise", "other")
 PHASES = ("prefill", "decode")
@@ -69,6 +69,7 @@ NCU_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_wr
 MISSING = {"ncu": "ncu (Nsight Compute) not found on PATH; install the CUDA toolkit's nsight-compute or use "
                    "bench.profile=torch",
            "nsys": "nsys (Nsight Systems) not found on PATH; use bench.profile=torch or ncu"}
+SUMMARY_TOP = 20  # kernels.txt rows per phase; kernels.csv has them all
 NCU_UNITS = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
              "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12}
 
@@ -178,7 +179,7 @@ def _class_line(phase: str, rows: list[Row], class_bytes: Optional[dict], copy_b
 
 
 def write_summary(rows: list[Row], out_dir: Path, title: str, decode_bytes: Optional[dict] = None,
-                  copy_bw: Optional[float] = None, top: int = 20) -> None:
+                  copy_bw: Optional[float] = None) -> None:
     """kernels.csv (every row; share = of its phase's time) and kernels.txt (each phase's top rows, then its classes;
     bandwidth where the bytes are known, against the measured copy bandwidth)."""
     phase_ms = defaultdict(float)
@@ -196,7 +197,7 @@ def write_summary(rows: list[Row], out_dir: Path, title: str, decode_bytes: Opti
     shown: dict[str, int] = defaultdict(int)
     for r, share, gbs in table:
         shown[r.phase] += 1
-        if shown[r.phase] <= top:
+        if shown[r.phase] <= SUMMARY_TOP:
             lines.append(f"{r.phase:8} {r.cls:11} {r.count:7d} {r.total_ms:10.3f} {share:6.1%} "
                          f"{r.total_ms * 1e3 / r.count:9.2f} {'-' if gbs is None else f'{gbs:.0f}':>7}  {r.name[:120]}")
     lines += ["", "by class"] + [_class_line(phase, [r for r in rows if r.phase == phase],
@@ -257,11 +258,9 @@ def marked_phases(model: torch.nn.Module, nvtx: bool, capture_decode: bool = Fal
 
 def generate_marked(engine, spec: RunSpec, profiler=None, capture_decode: bool = False) -> None:
     """One generate() of the bench shape with its phases marked, inside `profiler`, after an unmarked warm-up
-    (Triton compilation, the CUDA-graph capture and the cache allocation stay out of the profile)."""
-    model = getattr(engine, "model", None)
-    if not isinstance(model, torch.nn.Module):
-        raise UnsupportedConfig(f"bench.profile={spec.cfg.bench.profile}: engine={spec.engine_options.name} has no "
-                                "PyTorch model whose prefill/decode can be marked; use engine=torch")
+    (Triton compilation, the CUDA-graph capture and the cache allocation stay out of the profile). The engine has a
+    PyTorch `model`: validation let only engines whose Capabilities.profilers allow bench.profile get here."""
+    model = engine.model
     b, ctx = spec.cfg.bench, spec.cfg.context
     prompts = bench_prompts(engine, b.batch_size, ctx.prompt_len, spec.cfg.seed)
     engine.generate(prompts, ctx.gen_len)
@@ -284,7 +283,7 @@ def _bandwidth(engine, spec: RunSpec) -> tuple[Optional[dict], Optional[float]]:
         return None, None
     mem, steps = engine.memory(), ctx.gen_len - 1
     weights = decode_bytes_per_step(engine, mem, b.batch_size, 0)
-    kv = decode_bytes_per_step(engine, mem, b.batch_size, ctx.prompt_len + ctx.gen_len // 2) - weights
+    kv = mem.kv_bytes_per_token * b.batch_size * (ctx.prompt_len + ctx.gen_len // 2)
     return {"matmul": weights * steps, "attention": kv * steps}, copy_bandwidth(str(engine.device))
 
 
@@ -311,6 +310,14 @@ def _child_command(spec: RunSpec, out_dir: Path) -> list[str]:
     config = out_dir / "profile_config.yaml"
     config.write_text(OmegaConf.to_yaml(OmegaConf.structured(spec.cfg)))
     return [sys.executable, "-m", "kvexp.bench.profile", str(config)]
+
+
+def _run_child(command: list[str], log: Path, engine) -> None:
+    """Run a tool over the child, its output to log, with the engine freed first: the child builds the same engine
+    again, and two copies of the weights and full KV cache need not fit on one GPU."""
+    engine.close()
+    with open(log, "w") as log_file:
+        subprocess.run(command, check=True, stdout=log_file, stderr=subprocess.STDOUT)
 
 
 def require_tool(mode: str) -> str:
@@ -350,10 +357,10 @@ def parse_ncu_csv(text: str) -> list[Row]:
 
 
 def profile_ncu(engine, spec: RunSpec, out_dir: Path) -> dict[str, float]:
-    with open(out_dir / "ncu.log", "w") as log_file:
-        subprocess.run(ncu_command(require_tool("ncu"), spec, out_dir), check=True, stdout=log_file, stderr=subprocess.STDOUT)
-    rows = parse_ncu_csv((out_dir / "ncu.csv").read_text())
+    command = ncu_command(require_tool("ncu"), spec, out_dir)
     bw = copy_bandwidth(str(engine.device)) if engine.device.type == "cuda" else None
+    _run_child(command, out_dir / "ncu.log", engine)
+    rows = parse_ncu_csv((out_dir / "ncu.csv").read_text())
     measured = {c: sum(r.bytes or 0.0 for r in rows if r.cls == c) for c in CLASSES}
     write_summary(rows, out_dir, f"Nsight Compute, decode attention and matmul kernels (first {NCU_LAUNCHES} "
                                  f"launches, DRAM bytes measured): {_shape(spec)}", measured, bw)
@@ -374,14 +381,13 @@ def parse_nsys_kern_sum(text: str) -> list[Row]:
 def profile_nsys(engine, spec: RunSpec, out_dir: Path) -> dict[str, float]:
     nsys = require_tool("nsys")
     report = out_dir / "decode.nsys-rep"  # nsys adds the extension to --output
-    with open(out_dir / "nsys.log", "w") as log_file:
-        subprocess.run([nsys, "profile", "--trace", "cuda,nvtx", "--capture-range", "cudaProfilerApi",
-                        "--capture-range-end", "stop", "--force-overwrite", "true", "--output", str(out_dir / "decode")]
-                       + _child_command(spec, out_dir), check=True, stdout=log_file, stderr=subprocess.STDOUT)
+    decode_bytes, bw = _bandwidth(engine, spec)
+    command = [nsys, "profile", "--trace", "cuda,nvtx", "--capture-range", "cudaProfilerApi", "--capture-range-end",
+               "stop", "--force-overwrite", "true", "--output", str(out_dir / "decode")] + _child_command(spec, out_dir)
+    _run_child(command, out_dir / "nsys.log", engine)
     stats = subprocess.run([nsys, "stats", "--report", "cuda_gpu_kern_sum", "--format", "csv", "--output", "-",
                             str(report)], check=True, capture_output=True, text=True).stdout
     rows = parse_nsys_kern_sum(stats)
-    decode_bytes, bw = _bandwidth(engine, spec)
     write_summary(rows, out_dir, f"Nsight Systems, decode kernels: {_shape(spec)}", decode_bytes, bw)
     return class_metrics(rows, "prof.decode_", decode_bytes, bw)
 
@@ -391,7 +397,7 @@ PROFILERS = {"torch": profile_torch, "ncu": profile_ncu, "nsys": profile_nsys}
 
 def profile_run(engine, spec: RunSpec, out_dir: Path) -> dict[str, float]:
     """Profile the built engine as spec.cfg.bench.profile (torch|ncu|nsys, validated by config.py) says; artifacts
-    go to out_dir, prof.* metrics are returned."""
+    go to out_dir, prof.* metrics are returned. ncu and nsys close the engine (their child builds its own)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     return PROFILERS[spec.cfg.bench.profile](engine, spec, out_dir)
 

@@ -27,6 +27,9 @@ class Capabilities:
     weight_modes: frozenset = frozenset({("auto", "none")})  # (quant.weights.dtype, quant.weights.algo)
     kv_dtypes: frozenset = frozenset({"auto"})
     kv_scales: frozenset = frozenset({("dynamic", "token")})  # (quant.kv_cache.scale, granularity)
+    # bench.profile values other than none: bench/profile.py marks the prefill/decode phases of generate() with
+    # hooks on the engine's PyTorch `model`, so only an engine that has one can list them.
+    profilers: frozenset = frozenset()
 
 
 @dataclass
@@ -96,6 +99,10 @@ class Engine(ABC):
             raise UnsupportedConfig(
                 f"quant.kv_cache.scale={kv.scale}/granularity={kv.granularity}: not supported by engine={cls.name}; "
                 f"it has {', '.join('/'.join(s) for s in sorted(caps.kv_scales))}")
+        profiler = spec.cfg.bench.profile
+        if profiler != "none" and profiler not in caps.profilers:
+            raise UnsupportedConfig(f"bench.profile={profiler}: not supported by engine={cls.name}"
+                                    + others(lambda c: profiler in c.profilers))
 
     # ---- the engine proper ----
     @abstractmethod
