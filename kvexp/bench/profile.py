@@ -70,7 +70,9 @@ MISSING = {"ncu": "ncu (Nsight Compute) not found on PATH; install the CUDA tool
                    "bench.profile=torch",
            "nsys": "nsys (Nsight Systems) not found on PATH; use bench.profile=torch or ncu"}
 SUMMARY_TOP = 20  # kernels.txt rows per phase; kernels.csv has them all
-NCU_UNITS = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
+# Time in ns; bytes in bytes. Recent ncu prints "ns" with --print-units base (seen on the H100); older, and scaled,
+# output spells the units out.
+NCU_UNITS = {"ns": 1.0, "nsecond": 1.0, "usecond": 1e3, "msecond": 1e6, "second": 1e9,
              "byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "Tbyte": 1e12}
 
 
