@@ -69,7 +69,7 @@ def tune() -> tuple[list[dict], dict]:
     """Sweep the decode kernel's launch configs per KV format and make the best the process-wide defaults,
     so parts (a) and (b) run what kvexp would ship with these numbers."""
     from kvexp.bench.kernels import best_configs, tune_decode_attention
-    from kvexp.kernels import decode_attention as da
+    from kvexp.core.kernels import decode_attention as da
 
     rows = tune_decode_attention()
     best = best_configs(rows)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import build_engine, save_checkpoint
-from kvexp.quant.int4 import Int4Linear, rtn_quantize
+from kvexp.core.int4 import Int4Linear, rtn_quantize
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from conftest import build_engine
-from kvexp.quant.int4 import Int4Linear, pack, rtn_quantize, unpack
+from kvexp.core.int4 import Int4Linear, pack, rtn_quantize, unpack
 from kvexp.quant.weights import export_int4
 
 

@@ -1,5 +1,5 @@
-"""kvexp.kernels: references vs float64 textbook math, kernels vs references, write_kv bit-exact vs the
-cache classes of kvexp.quant.kv.
+"""kvexp.core.kernels: references vs float64 textbook math, kernels vs references, write_kv bit-exact vs the
+cache classes of kvexp.core.kv.
 
 Kernel tests run on CUDA, or on CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before the kernel modules are imported). Under the interpreter attention runs in fp16 only: its tl.dot
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvexp.kernels import decode_attention as da, kv_write as kw
-from kvexp.kernels.decode_attention import decode_attention_ref
-from kvexp.quant.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dynamic_scale, quantize
+from kvexp.core.kernels import decode_attention as da, kv_write as kw
+from kvexp.core.kernels.decode_attention import decode_attention_ref
+from kvexp.core.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dynamic_scale, quantize
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -55,7 +55,7 @@ def kernels() -> types.SimpleNamespace:
 
 
 def _cache(k: torch.Tensor, v: torch.Tensor, fmt: str, scales: str | None, dtype: torch.dtype) -> tuple:
-    """float32 K/V [B, Hkv, T, D] -> (k, v, k_scale, v_scale) stored as fmt with kvexp.quant.kv's math."""
+    """float32 K/V [B, Hkv, T, D] -> (k, v, k_scale, v_scale) stored as fmt with kvexp.core.kv's math."""
     if fmt == "dense":
         return k.to(dtype), v.to(dtype), None, None
     f = FORMATS[fmt]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import build_engine
-from kvexp.quant.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dequantize, dynamic_scale, quantize
+from kvexp.core.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dequantize, dynamic_scale, quantize
 
 
 def _attention64(q, k, v):

@@ -15,7 +15,7 @@ from lm_eval.api.instance import Instance
 
 from kvexp.checkpoint import train_tokenizer
 from kvexp.config import ContextConfig, EvalConfig
-from kvexp.engines.base import BuildInfo, Engine, Generations, MemoryReport
+from kvexp.core.engine import BuildInfo, Engine, Generations, MemoryReport
 from kvexp.errors import ConfigError
 from kvexp.evaluate.accuracy import TaskFailed, check_tasks, evaluate_accuracy, flatten_metrics
 from kvexp.evaluate.lm_adapter import KvexpLM

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from conftest import build_engine, save_checkpoint
-from kvexp.engines.torch_engine.model import rope_inv_freq
+from kvexp.core.model import rope_inv_freq
 
 
 def _hf_logprobs(model, ids):

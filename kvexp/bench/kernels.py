@@ -22,9 +22,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from kvexp.kernels.decode_attention import (KernelConfig, decode_attention, decode_attention_ref, default_config,
+from kvexp.core.kernels.decode_attention import (KernelConfig, decode_attention, decode_attention_ref, default_config,
                                             default_num_splits)
-from kvexp.quant.kv import FORMATS, dequantize, dynamic_scale, quantize
+from kvexp.core.kv import FORMATS, dequantize, dynamic_scale, quantize
 
 REL_TOL = 1e-2  # ||out - ref|| / ||ref||: bf16 output rounding plus bf16 probabilities in the P @ V dot
 COLD_BYTES = 200e6  # ~4x L2: what one graph walks between two reads of the same input, so they come from HBM
@@ -159,7 +159,7 @@ def bench_decode_attention(batch_sizes=(1, 8, 16), lengths=(4096, 32768), hq: in
 
     Methods: sdpa_gqa (F.scaled_dot_product_attention with enable_gqa=True, the production baseline),
     sdpa_expand (K/V repeated to Hq heads, for reference), sdpa_int8_dequant (kv.dequantize then SDPA), and
-    kernel_dense / kernel_int8 / kernel_fp8 (kvexp.kernels.decode_attention, dynamic per-token scales, the
+    kernel_dense / kernel_int8 / kernel_fp8 (kvexp.core.kernels.decode_attention, dynamic per-token scales, the
     default config). Returns one dict per (case, method): batch, seq_len, hq, hkv, head_dim, dtype, method,
     kv_format, time_us (median per call, CUDA graph), bytes (minimum moved), gbps (bytes / time), rel_err
     (vs decode_attention_ref), correct (rel_err < REL_TOL), and num_splits and config for the kernel rows.

@@ -11,7 +11,7 @@ import statistics
 import torch
 
 from kvexp.config import RunSpec
-from kvexp.engines.base import Engine
+from kvexp.core.engine import Engine
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
     from kvexp.config import EvalConfig, RunSpec
-    from kvexp.engines.base import Engine
+    from kvexp.core.engine import Engine
     from kvexp.evaluate.lm_adapter import KvexpLM
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from kvexp.engines.base import Engine
+from kvexp.core.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from kvexp.quant.kv import FORMATS
+from kvexp.core.kv import FORMATS
 from kvexp.quant.weights import artifact_path
 
 if TYPE_CHECKING:

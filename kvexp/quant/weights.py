@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from kvexp.checkpoint import model_key
-from kvexp.quant.int4 import Int4Linear, pack, quantize_groups, rtn_quantize
+from kvexp.core.int4 import Int4Linear, pack, quantize_groups, rtn_quantize
 
 if TYPE_CHECKING:
     from kvexp.config import RunSpec

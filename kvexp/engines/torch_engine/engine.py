@@ -11,13 +11,13 @@ from typing import Sequence
 import torch
 
 from kvexp.checkpoint import check_context, read_model_config, resolve_model
-from kvexp.engines.base import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
-from kvexp.engines.torch_engine import fused
-from kvexp.engines.torch_engine.decode import DecodeLoop
-from kvexp.engines.torch_engine.model import ArchConfig, CausalLM, load_state
+from kvexp.core.engine import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
+from kvexp.core import fused
+from kvexp.core.decode import DecodeLoop
+from kvexp.core.model import ArchConfig, CausalLM, load_state
 from kvexp.errors import ConfigError, UnsupportedConfig
-from kvexp.quant.int4 import Int4Linear
-from kvexp.quant.kv import FORMATS, KVCache, QuantizedKVCache
+from kvexp.core.int4 import Int4Linear
+from kvexp.core.kv import FORMATS, KVCache, QuantizedKVCache
 
 DEVICE_HELP = "engine.device={}: no CUDA GPU is visible here; use engine.device=auto or cpu"
 
@@ -73,11 +73,11 @@ class TorchEngine(Engine):
         super().check_supported(spec)
         device = resolve_device(spec.engine_options)
         if spec.engine_options.attention == "triton":
-            from kvexp.kernels import triton_available
+            from kvexp.core.kernels import triton_available
 
             if device.type != "cuda" or not triton_available():
                 raise UnsupportedConfig("engine.attention=triton: needs a CUDA GPU and triton; use engine.attention=auto")
-            from kvexp.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
+            from kvexp.core.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
 
             kv_dtype, dtype = spec.cfg.quant.kv_cache.dtype, resolve_dtype(spec.cfg.model.dtype, device)
             if kv_format(kv_dtype) not in KERNEL_FORMATS:
@@ -135,14 +135,14 @@ class TorchEngine(Engine):
         """The fused Triton kernel on CUDA for the formats it reads; None = the PyTorch reference path."""
         if self.options.attention == "torch" or self.device.type != "cuda":
             return None
-        from kvexp.kernels import triton_available
-        from kvexp.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
+        from kvexp.core.kernels import triton_available
+        from kvexp.core.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
 
         # int4 KV and float32 models get here only with engine.attention=auto (check_supported rejects triton)
         fmt = kv_format(self.spec.cfg.quant.kv_cache.dtype)
         if not triton_available() or fmt not in KERNEL_FORMATS or self.dtype not in MODEL_DTYPES:
             return None
-        from kvexp.kernels.decode_attention import decode_attention
+        from kvexp.core.kernels.decode_attention import decode_attention
 
         sm_scale = self.arch.head_dim ** -0.5
 

@@ -17,7 +17,7 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 
-from kvexp.engines.base import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
+from kvexp.core.engine import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
 from kvexp.engines.trtllm import bench, cache, checks
 from kvexp.engines.trtllm.options import Options
 from kvexp.engines.trtllm.plan import DTYPE_BYTES, limits, make_plan, sampling_kwargs

@@ -24,15 +24,15 @@ from typing import Optional
 
 import torch
 
-from kvexp.kernels import require_triton
-from kvexp.kernels.kv_write import DYNAMIC, MODEL_DTYPES, NO_SCALE, STATIC, scale_mode, scale_strides
-from kvexp.quant.kv import FORMATS, dequantize
+from kvexp.core.kernels import require_triton
+from kvexp.core.kernels.kv_write import DYNAMIC, MODEL_DTYPES, NO_SCALE, STATIC, scale_mode, scale_strides
+from kvexp.core.kv import FORMATS, dequantize
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only install: keep the reference importable, kernel calls fail with how to install
-    from kvexp.kernels import _MissingTriton as triton, _MissingTriton as tl
+    from kvexp.core.kernels import _MissingTriton as triton, _MissingTriton as tl
 
 H100_SMS = 132  # the target GPU; also what CPU (interpreter) runs plan for, so they test the same splits
 MAX_SPLITS = 64  # bounds stage 2's [splits, D] fp32 tile in registers
@@ -260,7 +260,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale:
 
 
 def _dequantize_all(x: torch.Tensor, scale: Optional[torch.Tensor], fmt: str, mode: int) -> torch.Tensor:
-    """k or v [B, Hkv, Tmax, D] -> float32 through kvexp.quant.kv.dequantize (dense: plain upcast)."""
+    """k or v [B, Hkv, Tmax, D] -> float32 through kvexp.core.kv.dequantize (dense: plain upcast)."""
     if mode == NO_SCALE:
         return x.float()
     return dequantize(x, scale[None, :, None] if mode == STATIC else scale, FORMATS[fmt], torch.float32)

@@ -68,7 +68,7 @@ class KVCache:
     """Static, dense cache in the model dtype: what fp16/bf16 serving reads.
 
     fused_write: decode writes (one token per sequence) go through the fused Triton quantize-and-store kernel
-    (kvexp.kernels.kv_write), one launch per layer instead of ~10 small ones; same values as the torch path.
+    (kvexp.core.kernels.kv_write), one launch per layer instead of ~10 small ones; same values as the torch path.
     """
     fmt_name = "dense"
 
@@ -97,7 +97,7 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """k, v [B, Hkv, n, D] written at positions pos[b] .. pos[b]+n-1 of each sequence."""
         if self.fused_write and k.shape[2] == 1:
-            from kvexp.kernels.kv_write import write_kv
+            from kvexp.core.kernels.kv_write import write_kv
 
             # one fresh [2, B, Hkv, D] tensor: k and v get identical strides (compiled ops may give size-1 dims
             # of otherwise contiguous tensors any stride, and the kernel shares one set of strides)

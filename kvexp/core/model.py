@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvexp.engines.torch_engine import fused
+from kvexp.core import fused
 from kvexp.errors import UnsupportedConfig
 
 

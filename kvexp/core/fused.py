@@ -64,7 +64,7 @@ def compiled() -> SimpleNamespace:
 def concat_linears(layers: list[torch.nn.Module]):
     """One layer computing the given layers' outputs side by side, or None when they cannot be merged
     (AWQ layers with different input scales)."""
-    from kvexp.quant.int4 import Int4Linear
+    from kvexp.core.int4 import Int4Linear
 
     if all(type(m) is torch.nn.Linear for m in layers):
         biases = [m.bias for m in layers]

@@ -2,7 +2,7 @@
 
 One launch writes K and V of every (sequence, kv head): dynamic formats compute the per-(token, head)
 scale amax / qmax, round it to the stored bfloat16 and quantize with that stored value, exactly as
-kvexp.quant.kv.QuantizedKVCache.write does (the reference these kernels are tested bit-exact against).
+kvexp.core.kv.QuantizedKVCache.write does (the reference these kernels are tested bit-exact against).
 
 Rounding is done with exact integer and floor arithmetic instead of Triton's float casts: the result
 is then the same under every lowering (PTX cvt.rn, Triton's CPU interpreter, whose casts truncate) and
@@ -15,14 +15,14 @@ from typing import Optional
 
 import torch
 
-from kvexp.kernels import require_triton
-from kvexp.quant.kv import FORMATS
+from kvexp.core.kernels import require_triton
+from kvexp.core.kv import FORMATS
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only install: keep this module importable, calls fail with how to install
-    from kvexp.kernels import _MissingTriton as triton, _MissingTriton as tl
+    from kvexp.core.kernels import _MissingTriton as triton, _MissingTriton as tl
 
 KERNEL_FORMATS = ("dense", "int8", "fp8")
 MODEL_DTYPES = (torch.float16, torch.bfloat16)
@@ -139,7 +139,7 @@ def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_
     k_cache, v_cache: [B, Hkv, Tmax, D] of one layer: the model dtype ("dense"), int8 or float8_e4m3fn.
     k_scale, v_scale: None ("dense"), dynamic [B, Hkv, Tmax] bfloat16 (written here at pos), or static
         [Hkv] float32 (read only). pos: [B] int32/int64 device tensor, the cache position to write.
-    Same values as kvexp.quant.kv.KVCache.write / QuantizedKVCache.write with n = 1.
+    Same values as kvexp.core.kv.KVCache.write / QuantizedKVCache.write with n = 1.
     """
     mode = scale_mode(fmt, k_scale, v_scale, k_cache.shape[1])
     B, hkv, D = k_new.shape

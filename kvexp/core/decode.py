@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kvexp.quant.kv import KVCache
+from kvexp.core.kv import KVCache
 
 
 class DecodeLoop:
