@@ -10,14 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from filelock import FileLock
-
-from kvexp import organism
+from kvexp import artifacts, organism
 from kvexp.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -40,11 +36,54 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def model_key(path: str) -> str:
-    """What caches derived from a model (quantized weights, KV scales, fidelity references, the config hash) key
-    on: its path, plus a builtin's version, so a builtin made from a new recipe does not reuse the old one's."""
-    name = path[len(BUILTIN_PREFIX):] if path.startswith(BUILTIN_PREFIX) else None
-    return f"{path}@v{BUILTINS[name]['version']}" if name in BUILTINS else path
+# The classes a failed connection raises across huggingface_hub's HTTP stacks (requests, httpx, httpx2) and the
+# Hub client's own "not found"/"gated"/"offline" errors: what "could not reach it" means. Anything else (a full
+# disk, a library bug) is not a network problem and is raised as it is.
+_UNREACHABLE = {"TransportError", "ConnectionError", "Timeout", "TimeoutException", "RequestException",
+                "OfflineModeIsEnabled", "LocalEntryNotFoundError", "RepositoryNotFoundError", "GatedRepoError",
+                "RevisionNotFoundError", "HfHubHTTPError"}
+OFFLINE_HINT = "offline, experiment=smoke (builtin:tiny) and experiment=organism run with no network"
+
+
+def unreachable(exc: BaseException) -> bool:
+    """True when exc means the Hub (or the network) could not give what was asked for."""
+    return any(c.__name__ in _UNREACHABLE for c in type(exc).__mro__)
+
+
+def hub_commit(path: str, revision: str | None) -> str:
+    """The commit a Hub id (at revision, default main) resolves to: asked of the Hub, or read from the local
+    Hugging Face cache when HF_HUB_OFFLINE is set. A model that cannot be reached is bad input (ConfigError)."""
+    if _hub_offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, "config.json", revision=revision)
+        if isinstance(cached, str):
+            return Path(cached).parent.name  # .../snapshots/<commit>/config.json
+        raise ConfigError(f"model.path={path}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                          f"download it first or point model.path at a local checkpoint dir ({OFFLINE_HINT})")
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().model_info(path, revision=revision, timeout=15).sha
+    except Exception as e:  # the Hub client raises many types; only those that mean "unreachable" are caught
+        if not unreachable(e):
+            raise
+        raise ConfigError(f"model.path={path}: could not reach it on the Hugging Face Hub ({type(e).__name__}); "
+                          f"check the id, the network and `hf auth login` for gated models, or point model.path at "
+                          f"a local checkpoint dir ({OFFLINE_HINT})") from e
+
+
+def model_fingerprint(path: str, revision: str | None, cache_dir: Path) -> str:
+    """What the model *is*: a builtin's recipe version, a local checkpoint's file contents (sha256, remembered per
+    file by size and mtime), or a Hub id's resolved commit. Keys the run hash and every derived artifact."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX):]
+        return f"{path}@v{BUILTINS[name]['version']}"
+    local = Path(path).expanduser()
+    if local.exists():
+        files = [f for f in local.iterdir() if f.is_file() and any(f.match(p) for p in HUB_PATTERNS)]
+        return "sha256:" + artifacts.fingerprint(files, cache_dir / "fingerprints")
+    return f"hub:{path}@{hub_commit(path, revision)}"
 
 
 def read_model_config(path: Path) -> dict:
@@ -52,39 +91,38 @@ def read_model_config(path: Path) -> dict:
 
 
 def resolve_model(spec: RunSpec) -> Path:
-    """The local directory holding config.json, *.safetensors and the tokenizer (creating/downloading it)."""
-    path, revision = spec.cfg.model.path, spec.cfg.model.revision
+    """The local directory holding config.json, *.safetensors and the tokenizer (creating/downloading it). A Hub
+    model is fetched at the commit its fingerprint names, so the files are the ones the run hash was made of."""
+    path, fp = spec.cfg.model.path, spec.build.model_fingerprint
     if path.startswith(BUILTIN_PREFIX):
         return _builtin(path[len(BUILTIN_PREFIX):], spec.cache_dir)
-    local = Path(path).expanduser()
-    if local.exists():
-        _check_local(local, path)
-        return local.resolve()
+    if spec.build.model_dir is not None:
+        _check_local(Path(spec.build.model_dir), path)
+        return Path(spec.build.model_dir)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(path, revision=revision, allow_patterns=HUB_PATTERNS,
+        return Path(snapshot_download(path, revision=fp.rsplit("@", 1)[1], allow_patterns=HUB_PATTERNS,
                                       local_files_only=_hub_offline()))
-    except Exception as e:  # the Hub client raises many types (offline, gated, 404); all mean the same fix
-        raise ConfigError(
-            f"model.path={path}: could not get it from the Hugging Face Hub ({type(e).__name__}); "
-            "check the id and your network/`huggingface-cli login`, or point model.path at a local checkpoint dir"
-        ) from e
+    except Exception as e:  # only "unreachable" is the user's to fix; a full disk or a bug is raised as it is
+        if not unreachable(e):
+            raise
+        raise ConfigError(f"model.path={path}: could not download it from the Hugging Face Hub "
+                          f"({type(e).__name__}); check the network, or point model.path at a local checkpoint dir"
+                          ) from e
 
 
 def check_model(spec: RunSpec) -> None:
-    """Validation that needs no download: the path exists, and the context fits the model if its config is known."""
+    """Validation that needs no download: the context fits the model, when its config is known here."""
     path = spec.cfg.model.path
     if path.startswith(BUILTIN_PREFIX):
-        name = path[len(BUILTIN_PREFIX):]
-        if name not in BUILTINS:
-            raise ConfigError(f"model.path={path}: unknown builtin; choose one of "
-                              + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
-        max_len = BUILTINS[name]["max_position_embeddings"]
+        max_len = BUILTINS[path[len(BUILTIN_PREFIX):]]["max_position_embeddings"]
+    elif spec.build.model_dir is not None:
+        max_len = read_model_config(Path(spec.build.model_dir)).get("max_position_embeddings")
     else:
-        config = _local_or_cached_config(path, spec.cfg.model.revision)
+        config = _cached_hub_config(path, spec.build.model_fingerprint.rsplit("@", 1)[1])
         if config is None:
-            return  # a Hub id not yet downloaded: checked after download, in the engine
+            return  # a Hub model not downloaded yet: checked after download, in the engine
         max_len = config.get("max_position_embeddings")
     check_context(spec, max_len)
 
@@ -97,16 +135,27 @@ def check_context(spec: RunSpec, max_len: int | None) -> None:
             f"context of model.path={spec.cfg.model.path}; use a shorter context or a longer-context model")
 
 
-def _local_or_cached_config(path: str, revision: str | None) -> dict | None:
+def check_path(path: str) -> Path | None:
+    """A builtin name, a usable local checkpoint dir (returned, resolved) or something shaped like a Hub id; any
+    other value is one line naming model.path."""
+    if path.startswith(BUILTIN_PREFIX):
+        if path[len(BUILTIN_PREFIX):] not in BUILTINS:
+            raise ConfigError(f"model.path={path}: unknown builtin; choose one of "
+                              + ", ".join(BUILTIN_PREFIX + n for n in BUILTINS))
+        return None
     local = Path(path).expanduser()
     if local.exists():
         _check_local(local, path)
-        return read_model_config(local)
+        return local.resolve()
     if "/" not in path or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ConfigError(f"model.path={path}: no such directory, and not a Hub id (owner/name)")
+    return None
+
+
+def _cached_hub_config(path: str, commit: str) -> dict | None:
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(path, "config.json", revision=revision)
+    cached = try_to_load_from_cache(path, "config.json", revision=commit)
     return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
 
 
@@ -122,22 +171,11 @@ def _check_local(local: Path, path: str) -> None:
 
 
 def _builtin(name: str, cache_dir: Path) -> Path:
+    """The builtin's directory, made once (parallel jobs wait for the one that makes it; a Ctrl-C mid-training
+    leaves nothing) and checked against its manifest at every use."""
     recipe = BUILTINS[name]
     target = cache_dir / "models" / f"{name}-v{recipe['version']}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):  # parallel jobs: one creates, the others wait and reuse
-        if not (target / "config.json").exists():
-            tmp = Path(tempfile.mkdtemp(dir=target.parent))
-            try:
-                MAKERS[name](tmp, recipe)
-            except BaseException:  # Ctrl-C mid-training included: no half-made model is left behind
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            shutil.rmtree(target, ignore_errors=True)
-            tmp.rename(target)
-    return target
+    return artifacts.cached(target, f"builtin:{name}", lambda tmp: MAKERS[name](tmp, recipe), lambda p: p)[0]
 
 
 def train_tokenizer(vocab_size: int):

@@ -1,11 +1,11 @@
-"""The config schema (one dataclass per Hydra group), its validation, and the canonical config hash.
+"""The config schema (one dataclass per Hydra group), the checks of its fields, and the RunSpec.
 
-Defaults live here, in the dataclasses; the YAML presets under conf/ only set what differs.
-Validation raises ConfigError with one line that names the field and the allowed values.
+Defaults live here, in the dataclasses; the YAML presets under conf/ only set what differs. check_fields raises
+ConfigError with one line that names the field and the allowed values; kvexp.resolve turns a checked config into
+a RunSpec (the BuildSpec resolved, the run hash computed).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from kvexp import organism
+from kvexp.core.spec import BuildSpec
 from kvexp.errors import ConfigError
 
 
@@ -118,7 +120,7 @@ class KvexpConfig:
     cache_dir: Optional[str] = None  # None: $KVEXP_CACHE_DIR or ~/.cache/kvexp
 
 
-# Keys that do not change results: where things are written and labels.
+# Keys that do not change results, left out of a run's params: where things are written, and labels.
 HASH_EXCLUDE = (
     "tracking", "force", "cache_dir", "engine.dry_run",
     "model.name", "quant.name", "context.name", "eval.name", "bench.name",
@@ -143,14 +145,16 @@ POSITIVE = (
 
 @dataclass(frozen=True)
 class RunSpec:
-    """A validated run: the typed config plus the engine's typed options and the config hash."""
+    """A validated run: the typed config, the engine's typed options, the resolved BuildSpec and the run hash
+    (tagged kvexp.config_hash: the hash of the BuildSpec with the context, eval, bench and seed settings)."""
     cfg: KvexpConfig
     engine_options: Any
+    build: BuildSpec
     config_hash: str
 
     @property
     def kv_quantized(self) -> bool:
-        return self.cfg.quant.kv_cache.dtype != "auto"
+        return self.build.kv.quantized
 
     @property
     def kv_faithful(self) -> bool:
@@ -174,7 +178,7 @@ def _get(container: dict, dotted: str) -> Any:
 
 
 def canonical(cfg: DictConfig | dict) -> dict:
-    """The resolved config as plain data, without the keys that do not change results."""
+    """The resolved config as plain data, without the keys that do not change results (what a run logs as params)."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
     for dotted in HASH_EXCLUDE:
         *parents, leaf = dotted.split(".")
@@ -186,22 +190,9 @@ def canonical(cfg: DictConfig | dict) -> dict:
     return data
 
 
-def config_hash(cfg: DictConfig | dict) -> str:
-    """sha256 of the canonical config: key order, CLI order and experiment files do not change it. A builtin
-    model's version counts (kvexp.checkpoint.model_key): a run of a rebuilt builtin is a new run."""
-    from kvexp.checkpoint import model_key
-
-    data = canonical(cfg)
-    data["model"]["path"] = model_key(data["model"]["path"])
-    blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def validate(cfg: DictConfig) -> RunSpec:
-    """Check every user-facing value before anything is downloaded or built."""
-    from kvexp.engines import engine_class  # engines register their options and capabilities
-
-    data = OmegaConf.to_container(cfg, resolve=True)
+def check_fields(data: dict) -> None:
+    """Every user-facing value that can be checked without looking anything up: choices, positive integers,
+    combinations of quantization settings, what the model organism can read."""
     for key, allowed in CHOICES.items():
         if _get(data, key) not in allowed:
             raise ConfigError(f"{key}={_get(data, key)}: not one of {', '.join(allowed)}")
@@ -215,23 +206,6 @@ def validate(cfg: DictConfig) -> RunSpec:
         raise ConfigError(f"eval.limit={data['eval']['limit']}: must be a positive integer or null")
     _validate_quant(data["quant"])
     _validate_organism(data)
-
-    engine_cfg = dict(data["engine"])
-    cls = engine_class(engine_cfg.get("name"))
-    options = cls.parse_options(engine_cfg)
-    typed: KvexpConfig = OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg
-    spec = RunSpec(cfg=typed, engine_options=options, config_hash=config_hash(cfg))
-    cls.check_supported(spec)
-    if typed.bench.profile in ("ncu", "nsys"):  # which engines may profile is a capability (check_supported)
-        from kvexp.bench.profile import require_tool
-
-        require_tool(typed.bench.profile)
-    from kvexp.checkpoint import check_model  # local paths and cached Hub configs only: no download
-    from kvexp.evaluate.accuracy import check_tasks  # task names, before any model is built
-
-    check_model(spec)
-    check_tasks(typed.eval)
-    return spec
 
 
 def _validate_quant(q: dict) -> None:
@@ -251,8 +225,6 @@ def _validate_quant(q: dict) -> None:
 
 def _validate_organism(data: dict) -> None:
     """The organism's vocabulary is its task's words only: any other text is unknown tokens to it."""
-    from kvexp import organism
-
     if not organism.is_organism(data["model"]["path"]):
         return
     q = data["quant"]

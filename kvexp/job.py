@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 from omegaconf import OmegaConf
 
 from kvexp.bench import perf, profile
 from kvexp.config import RunSpec, canonical
+from kvexp.core import memory
 from kvexp.engines import engine_class
-from kvexp.tracking import TAG, Tracker, device_name, flatten, git_commit, library_versions, scrub
+from kvexp.evaluate import fidelity
+from kvexp.tracking import TAG, Tracker, flatten, git_commit, scrub
 
 log = logging.getLogger("kvexp")
 PARENT_ENV = "KVEXP_PARENT_RUN_ID"  # set by the sweep's entry point; jobs (in any process) nest under it
@@ -30,11 +31,13 @@ LOADING_STAGES = ("reference", "build")  # the stages that read model.path's fil
 
 
 def run_tags(spec: RunSpec, extra: Optional[dict] = None) -> dict[str, str]:
-    c = spec.cfg
-    tags = {"config_hash": spec.config_hash, "model": c.model.name, "model_path": c.model.path, "quant": c.quant.name,
-            "engine": spec.engine_options.name, "context": c.context.name, "git_commit": git_commit(),
-            "versions": str(library_versions()), "device": device_name(), "sweep_id": os.environ.get(SWEEP_ENV, ""),
-            "stage": "setup"}
+    """What a run is, for search and for compare's pairing: labels, the build's machine and libraries, its kernel."""
+    c, b = spec.cfg, spec.build
+    tags = {"config_hash": spec.config_hash, "model": c.model.name, "model_path": c.model.path,
+            "model_fingerprint": b.model_fingerprint, "quant": c.quant.name, "engine": b.engine,
+            "context": c.context.name, "git_commit": git_commit(), "versions": str(b.versions),
+            "device": b.device_name, "dtype": b.dtype, "attention": b.attention, "numerics": b.numerics,
+            "sweep_id": os.environ.get(SWEEP_ENV, ""), "stage": "setup"}
     return {TAG + k: str(v) for k, v in (tags | (extra or {})).items()}
 
 
@@ -80,15 +83,13 @@ def stage(tracker: Tracker, run_id: str, name: str, text: str = "") -> None:
 
 
 def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None:
-    from kvexp.evaluate import fidelity
-
     cfg = spec.cfg
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory.reset_peak(spec.build.torch_device)  # this job's peak, not the process's (earlier jobs ran here too)
     ref = None
-    if cfg.eval.fidelity.enabled:
+    if cfg.eval.fidelity.enabled and not fidelity.is_reference(spec):
         # before the run's engine: one model on the device at a time
-        stage(tracker, run_id, "reference", "fidelity reference (fp16)")
-        ref = fidelity.reference(spec, device)
+        stage(tracker, run_id, "reference", "fidelity reference (the unquantized run of this build)")
+        ref = fidelity.reference(spec)
     engine = engine_class(spec.engine_options.name)(spec)
     try:
         stage(tracker, run_id, "build", f"build {run_name(spec)}")
@@ -98,8 +99,7 @@ def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None
             stage(tracker, run_id, "fidelity", "fidelity vs fp16")
             obs = fidelity.observe(engine, spec)
             if ref is None:
-                fidelity.save_reference(spec, device, obs)
-                ref = obs
+                ref = fidelity.save_reference(spec, obs)
             tracker.log_metrics(run_id, fidelity.compare(ref, obs))
         if cfg.eval.tasks:
             from kvexp.evaluate.accuracy import evaluate_accuracy

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvexp.config import RunSpec, validate
+from kvexp.config import RunSpec
+from kvexp.resolve import validate
 from kvexp.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -56,7 +56,8 @@ def rerun(tracker: Tracker, run):
     """Run the logged config again as a new run in the same store; the new run, or None if it FAILED."""
     from omegaconf import OmegaConf
 
-    from kvexp.config import KvexpConfig, validate
+    from kvexp.config import KvexpConfig
+    from kvexp.resolve import validate
     from kvexp.job import run_job
 
     run_id = run.info.run_id

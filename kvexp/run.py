@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kvexp import preflight
-from kvexp.config import validate
+from kvexp.resolve import validate
 from kvexp.engines import engine_class
 from kvexp.errors import KvexpError
 from kvexp.job import JOBS_ENV, LOADING_STAGES, PARENT_ENV, STAGE_TAG, SWEEP_ENV, run_job

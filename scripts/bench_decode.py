@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvexp.bench.perf import copy_bandwidth, measure  # noqa: E402
-from kvexp.config import BenchConfig, ContextConfig, validate  # noqa: E402
+from kvexp.config import BenchConfig, ContextConfig  # noqa: E402
+from kvexp.resolve import validate  # noqa: E402
 from kvexp.engines.torch_engine import TorchEngine  # noqa: E402
 from kvexp.preflight import compose_job  # noqa: E402
 

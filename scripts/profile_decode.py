@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_decode import make_checkpoint  # noqa: E402
 
 from kvexp.bench.profile import profile_run  # noqa: E402
-from kvexp.config import validate  # noqa: E402
+from kvexp.resolve import validate  # noqa: E402
 from kvexp.engines.torch_engine import TorchEngine  # noqa: E402
 from kvexp.preflight import compose_job  # noqa: E402
 

@@ -56,7 +56,7 @@ def compose(*overrides: str):
 
 
 def make_spec(*overrides: str):
-    from kvexp.config import validate
+    from kvexp.resolve import validate
 
     return validate(compose("experiment=smoke", *overrides))
 

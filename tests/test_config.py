@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from conftest import compose, make_spec
-from kvexp.config import config_hash
+from kvexp.resolve import validate
 from kvexp.errors import ConfigError
 from kvexp.preflight import group_options, plan
 
@@ -28,15 +28,14 @@ def test_hash_ignores_order_and_composition_route():
                 "quant.calib.num_samples=8", "quant.calib.seq_len=128", "context.prompt_len=256", "context.gen_len=32",
                 "eval.fidelity.num_prompts=2", "eval.fidelity.score_tokens=16", "eval.fidelity.gen_tokens=8",
                 "bench.warmup=1", "bench.iters=2")
-    assert config_hash(a) == config_hash(b) == config_hash(c)
+    assert validate(a).config_hash == validate(b).config_hash == validate(c).config_hash
 
 
 def test_hash_ignores_where_not_what():
-    base = config_hash(compose("experiment=smoke"))
-    assert config_hash(compose("experiment=smoke", "tracking.uri=http://127.0.0.1:5000", "force=true",
-                               "cache_dir=/elsewhere")) == base
-    assert config_hash(compose("experiment=smoke", "quant=int8kv")) != base
-    assert config_hash(compose("experiment=smoke", "context.prompt_len=65")) != base
+    base = make_spec().config_hash
+    assert make_spec("tracking.uri=http://127.0.0.1:5000", "force=true", "cache_dir=/elsewhere").config_hash == base
+    assert make_spec("quant=int8kv").config_hash != base
+    assert make_spec("context.prompt_len=65").config_hash != base
 
 
 @pytest.mark.parametrize("overrides,field", [

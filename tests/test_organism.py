@@ -84,21 +84,20 @@ def test_training_is_deterministic(tmp_path):
 
 
 def test_a_new_recipe_is_a_new_model_and_new_runs(monkeypatch):
-    """The recipe's hash names the cached checkpoint, and through kvexp.checkpoint.model_key the config hash and
+    """The recipe's hash names the cached checkpoint, and through the BuildSpec's model fingerprint the run hash and
     the caches derived from the model: a rebuilt organism is never skipped as done or fed the old one's AWQ."""
-    from kvexp.checkpoint import BUILTINS, model_key
-    from kvexp.config import config_hash, validate
-    from kvexp.quant.weights import artifact_path
+    from kvexp.checkpoint import BUILTINS
+    from kvexp.quant.weights import artifact_key
+    from kvexp.resolve import validate
 
     assert organism.recipe_hash(tiny_recipe()) != organism.recipe_hash(tiny_recipe(seed=1))
     assert BUILTINS["organism"]["version"] == organism.VERSION_TAG == f"{organism.VERSION}-{organism.recipe_hash()}"
-    spec = validate(compose("experiment=organism", "quant=awq"))
-    before = (model_key(organism.MODEL_PATH), spec.config_hash, artifact_path(spec, "int4-awq", {}))
+    before = validate(compose("experiment=organism", "quant=awq"))
     monkeypatch.setitem(BUILTINS, "organism", dict(BUILTINS["organism"], version="2-other"))
-    after = (model_key(organism.MODEL_PATH), config_hash(compose("experiment=organism", "quant=awq")),
-             artifact_path(spec, "int4-awq", {}))
-    assert all(a != b for a, b in zip(before, after)) and after[0] == "builtin:organism@v2-other"
-    assert model_key("/some/dir") == "/some/dir"
+    after = validate(compose("experiment=organism", "quant=awq"))
+    assert after.build.model_fingerprint == "builtin:organism@v2-other" != before.build.model_fingerprint
+    assert after.config_hash != before.config_hash
+    assert artifact_key(after, "weights", "calib") != artifact_key(before, "weights", "calib")
 
 
 def test_recall_task_fills_the_context_with_the_organisms_tokenizer(tmp_path):
@@ -149,7 +148,7 @@ def test_calibration_reads_the_organisms_documents():
     (["model.path={copy}", "eval=quick"], "eval.tasks: kvexp_passkey"),  # a copy of its directory, by path
 ])
 def test_organism_refuses_text_it_cannot_read(overrides, field, tmp_path):
-    from kvexp.config import validate
+    from kvexp.resolve import validate
 
     (tmp_path / organism.REPORT).write_text("{}")
     with pytest.raises(ConfigError) as e:
@@ -182,7 +181,7 @@ QUANTS = ("fp16", "int8kv", "int4kv", "int4kv_static", "awq")
 @pytest.fixture(scope="module")
 def recall(tmp_path_factory) -> dict[str, tuple[float, float]]:
     """quant -> (exact match, stderr) of kvexp_recall at the training length, through lm-eval and the engine."""
-    from kvexp.config import validate
+    from kvexp.resolve import validate
     from kvexp.engines import engine_class
     from kvexp.evaluate.accuracy import evaluate_accuracy
 

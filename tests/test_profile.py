@@ -26,13 +26,11 @@ def engine():
 
 def with_profile(spec, mode: str):
     """The spec with bench.profile=mode (a copy: the engine's own spec is left as built)."""
-    from omegaconf import OmegaConf
-
-    from kvexp.config import config_hash
+    from kvexp.resolve import run_hash
 
     cfg = copy.deepcopy(spec.cfg)
     cfg.bench.profile = mode
-    return dataclasses.replace(spec, cfg=cfg, config_hash=config_hash(OmegaConf.structured(cfg)))
+    return dataclasses.replace(spec, cfg=cfg, config_hash=run_hash(cfg, spec.build))
 
 
 def read_rows(path):
@@ -225,7 +223,8 @@ def test_ncu_command(engine, tmp_path, monkeypatch):
 
     from omegaconf import OmegaConf
 
-    from kvexp.config import KvexpConfig, validate
+    from kvexp.config import KvexpConfig
+    from kvexp.resolve import validate
 
     spec = with_profile(engine.spec, "ncu")
     cmd = profile.ncu_command("/opt/ncu", spec, tmp_path)

@@ -19,11 +19,12 @@ from conftest import compose
 from omegaconf import OmegaConf
 
 import kvexp.engines
-from kvexp.config import RunSpec, config_hash
+from kvexp.config import RunSpec
 from kvexp.engines.trtllm import TrtllmEngine, bench, cache, checks
 from kvexp.engines.trtllm.engine import _constructor_kwargs, perf_timings, stream_timings
 from kvexp.engines.trtllm.options import Options
 from kvexp.errors import ConfigError, MissingDependency, UnsupportedConfig
+from kvexp.resolve import build_spec, run_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parent / "data"
@@ -39,9 +40,10 @@ PYTORCH = {"fp16": "auto", "fp8kv": "fp8"}  # KvCacheConfig.dtype; every other p
 
 def make_spec(*overrides: str) -> RunSpec:
     """Composed like the CLI; the RunSpec is built here rather than by validate(), whose model check is not ours."""
-    cfg = compose("engine=trtllm", "experiment=smoke", *overrides)
-    return RunSpec(cfg=OmegaConf.to_object(cfg), engine_options=TrtllmEngine.parse_options(dict(cfg.engine)),
-                   config_hash=config_hash(cfg))
+    cfg = OmegaConf.to_object(compose("engine=trtllm", "experiment=smoke", *overrides))
+    options = TrtllmEngine.parse_options(dict(cfg.engine))
+    build = build_spec(cfg, options, TrtllmEngine)
+    return RunSpec(cfg=cfg, engine_options=options, build=build, config_hash=run_hash(cfg, build))
 
 
 @pytest.fixture
@@ -58,6 +60,7 @@ def gpu(monkeypatch):
         monkeypatch.setattr(checks, "version", lambda name: found)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: card is not None)
         if card:
+            monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
             monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: card[0])
             monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: card[1])
     return install
@@ -182,7 +185,7 @@ def test_build_key_changes_with_what_the_engine_depends_on(tmp_path):
     base = build_key(tmp_path)
     changed = [build_key(tmp_path, o) for o in ("quant=int8kv", "quant.weights.group_size=64", "context.prompt_len=96",
                                                 "bench.batch_size=16", "quant.calib.num_samples=16",
-                                                "model.revision=abc123", "model.dtype=float16")]
+                                                "model.dtype=float16")]
     changed += [build_key(tmp_path, version="1.1.0"), build_key(tmp_path, gpu_name=A100[0])]
     assert base not in changed and len(set(changed)) == len(changed)
 
@@ -301,9 +304,9 @@ def test_config_errors_hold_in_dry_run(tmp_path, only_trtllm):
     one_line_error(UnsupportedConfig, spec("quant=int8kv", "engine.backend=pytorch"),
                    "quant.kv_cache.dtype=int8: .*PyTorch backend.*use engine.backend=tensorrt")
     one_line_error(UnsupportedConfig, spec("quant=awq", "engine.backend=pytorch"), "use engine.backend=tensorrt")
-    one_line_error(ConfigError, spec("quant=awq", "quant.calib.dataset=c4"),
-                   "quant.calib.dataset=c4: not builtin, cnn_dailymail, wikitext, or an existing .txt/.jsonl file")
-    one_line_error(ConfigError, spec("quant=awq", "quant.calib.dataset=/nonexistent/c.txt"), "an existing .txt")
+    for dataset in ("c4", "/nonexistent/c.txt"):  # refused while the BuildSpec is resolved, before any engine check
+        with pytest.raises(ConfigError, match=f"quant.calib.dataset={dataset}: not builtin, .*an existing .txt"):
+            spec("quant=awq", f"quant.calib.dataset={dataset}")
     one_line_error(UnsupportedConfig, spec("quant=int8kv", "quant.kv_cache.scale=static",
                                            "quant.kv_cache.granularity=head"), "static/tensor")
     TrtllmEngine.check_supported(spec("quant=fp16", "quant.calib.dataset=c4"))  # nothing to calibrate

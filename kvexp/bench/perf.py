@@ -11,6 +11,7 @@ import statistics
 import torch
 
 from kvexp.config import RunSpec
+from kvexp.core import memory
 from kvexp.core.engine import Engine
 
 
@@ -53,9 +54,9 @@ def decode_bytes_per_step(engine: Engine, mem, batch: int, context: int) -> floa
 def measure(engine: Engine, spec: RunSpec) -> dict[str, float]:
     b, ctx = spec.cfg.bench, spec.cfg.context
     prompts = bench_prompts(engine, b.batch_size, ctx.prompt_len, spec.cfg.seed)
-    cuda = torch.cuda.is_available() and getattr(engine, "device", torch.device("cpu")).type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    device = spec.build.torch_device
+    cuda = device.type == "cuda"
+    memory.reset_peak(device)  # mem.peak_bytes: the benchmark's peak at this batch and context
     for _ in range(b.warmup):
         engine.generate(prompts, ctx.gen_len)
     runs = [engine.generate(prompts, ctx.gen_len) for _ in range(b.iters)]
@@ -68,7 +69,7 @@ def measure(engine: Engine, spec: RunSpec) -> dict[str, float]:
         out |= {"perf.tpot_ms": tpot * 1e3, "perf.decode_tok_s": b.batch_size / tpot}
         if cuda:
             step_bytes = decode_bytes_per_step(engine, mem, b.batch_size, ctx.prompt_len + ctx.gen_len // 2)
-            bw = copy_bandwidth(str(engine.device))
+            bw = copy_bandwidth(str(device))
             out |= {"perf.step_bytes": step_bytes, "perf.copy_bw_gbs": bw / 1e9,
                     "perf.roofline_frac": step_bytes / bw / tpot}
     out |= {"mem.weight_bytes": mem.weight_bytes, "mem.kv_bytes_per_token": mem.kv_bytes_per_token,

@@ -409,7 +409,8 @@ def main(config_path: str) -> None:
     cudaProfilerStart and cudaProfilerStop."""
     from omegaconf import OmegaConf
 
-    from kvexp.config import KvexpConfig, validate
+    from kvexp.config import KvexpConfig
+    from kvexp.resolve import validate
     from kvexp.engines import engine_class
 
     spec = validate(OmegaConf.merge(OmegaConf.structured(KvexpConfig), OmegaConf.load(config_path)))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 
+from kvexp.core.spec import KVFormatSpec
 from kvexp.errors import ConfigError, UnsupportedConfig
 
 if TYPE_CHECKING:
@@ -103,6 +104,12 @@ class Engine(ABC):
         if profiler != "none" and profiler not in caps.profilers:
             raise UnsupportedConfig(f"bench.profile={profiler}: not supported by engine={cls.name}"
                                     + others(lambda c: profiler in c.profilers))
+
+    @classmethod
+    def attention_impl(cls, kv: KVFormatSpec, device: torch.device, dtype: torch.dtype, options: Any) -> str:
+        """Which decode attention serves this build, recorded in the BuildSpec and as the run's kvexp.attention tag
+        (an engine with several, like engine=torch, says which; a combination none serves is UnsupportedConfig)."""
+        return cls.name
 
     # ---- the engine proper ----
     @abstractmethod

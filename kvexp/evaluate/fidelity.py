@@ -2,23 +2,21 @@
 top-1 agreement on a fixed prompt set, and agreement of greedy generations.
 
 Scoring is KV-faithful (continuations read the cache back), so KV quantization shows. The reference is
-computed once per (model, engine, device, context, prompt set), cached, and shared by every run of a sweep.
+computed once per (reference build, context, prompt set), cached, and shared by every run of a sweep.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 
-from kvexp import organism
-from kvexp.checkpoint import model_key
-from kvexp.config import QuantConfig, RunSpec
+from kvexp import artifacts, organism
+from kvexp.config import RunSpec
 from kvexp.engines import engine_class
 from kvexp.quant.calib import BUILTIN
+from kvexp.resolve import reference_spec
 
 log = logging.getLogger(__name__)
 PROMPT_SET_VERSION = 1
@@ -41,23 +39,16 @@ def fidelity_requests(tokenizer, spec: RunSpec) -> list[tuple[list[int], list[in
 
 
 def is_reference(spec: RunSpec) -> bool:
-    q = spec.cfg.quant
-    return q.weights.dtype == "auto" and q.kv_cache.dtype == "auto"
+    return spec.build.weights.dtype == "auto" and not spec.build.kv.quantized
 
 
-def reference_spec(spec: RunSpec) -> RunSpec:
-    cfg = dataclasses.replace(spec.cfg, quant=QuantConfig(name="fp16"))
-    return dataclasses.replace(spec, cfg=cfg, config_hash=spec.config_hash + "-ref")
-
-
-def _reference_path(spec: RunSpec, device: str) -> Path:
+def _reference_path(spec: RunSpec) -> Path:
+    """Keyed by the reference build (this run's BuildSpec unquantized: model, engine, device, dtype, attention),
+    the context length and the prompt set."""
     c = spec.cfg
-    key = {"model": dataclasses.asdict(c.model) | {"path": model_key(c.model.path)},
-           "engine": dataclasses.asdict(spec.engine_options), "device": device,
-           "prompt_len": c.context.prompt_len, "fidelity": dataclasses.asdict(c.eval.fidelity),
-           "version": PROMPT_SET_VERSION}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return spec.cache_dir / "reference" / f"fidelity-{digest}.pt"
+    key = {"build": reference_spec(spec).build.identity, "prompt_len": c.context.prompt_len,
+           "fidelity": dataclasses.asdict(c.eval.fidelity), "version": PROMPT_SET_VERSION}
+    return artifacts.path(spec.cache_dir, "reference/fidelity", key, ".pt")
 
 
 def observe(engine, spec: RunSpec) -> dict:
@@ -68,32 +59,30 @@ def observe(engine, spec: RunSpec) -> dict:
     return {"logprobs": logprobs, "greedy": greedy}
 
 
-def reference(spec: RunSpec, device: str) -> dict | None:
+def reference(spec: RunSpec) -> dict | None:
     """The cached reference, building an fp16 engine to compute it if needed. None for the reference run itself
-    (it compares against its own observation, computed with the run's engine)."""
+    (it compares against its own observation, computed with the run's engine: save_reference)."""
     if is_reference(spec):
         return None
-    path = _reference_path(spec, device)
-    if path.exists():
-        return torch.load(path)
-    log.info("computing the fp16 reference for fidelity (cached at %s)", path)
-    ref_spec = reference_spec(spec)
-    engine = engine_class(spec.engine_options.name)(ref_spec)
-    engine.build()
-    try:
-        obs = observe(engine, ref_spec)
-    finally:
-        engine.close()
-    save_reference(spec, device, obs)
-    return obs
+
+    def build(tmp: Path) -> None:
+        log.info("computing the fp16 reference for fidelity (cached under %s)", spec.cache_dir / "reference")
+        ref_spec = reference_spec(spec)
+        engine = engine_class(spec.engine_options.name)(ref_spec)
+        engine.build()
+        try:
+            torch.save(observe(engine, ref_spec), tmp)
+        finally:
+            engine.close()
+
+    return artifacts.cached(_reference_path(spec), "fidelity reference", build, torch.load)[0]
 
 
-def save_reference(spec: RunSpec, device: str, obs: dict) -> None:
-    path = _reference_path(spec, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obs, tmp)
-    tmp.rename(path)
+def save_reference(spec: RunSpec, obs: dict) -> dict:
+    """The reference run's own observation, cached for the quantized runs; returns the cached copy (which is obs
+    unless a parallel job wrote it first)."""
+    return artifacts.cached(_reference_path(spec), "fidelity reference", lambda tmp: torch.save(obs, tmp),
+                            torch.load)[0]
 
 
 def compare(ref: dict, run: dict) -> dict[str, float]:

@@ -4,13 +4,15 @@ Per-tensor scales (TensorRT-LLM's INT8/FP8 KV style) take the max over heads; pe
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from kvexp import artifacts
 from kvexp.core.kv import FORMATS
-from kvexp.quant.weights import artifact_path
+from kvexp.quant.weights import artifact_key
 
 if TYPE_CHECKING:
     from kvexp.config import RunSpec
@@ -41,16 +43,15 @@ def static_kv_scales(spec: RunSpec, model, tokenizer, device: torch.device) -> t
     from kvexp.quant.calib import calibration_batches
 
     q = spec.cfg.quant
-    path = artifact_path(spec, "kvscales", {"weights": vars(q.weights), "kv": vars(q.kv_cache),
-                                            "calib": vars(q.calib)}).with_suffix(".pt")
-    if path.exists():
-        k, v = torch.load(path)
-    else:
+    key = artifact_key(spec, "weights", "kv", "calib", "dtype")
+    dest = artifacts.path(spec.cache_dir, "quant/kvscales", key, ".pt")
+
+    def build(tmp: Path) -> None:
         k, v = kv_amax(model, calibration_batches(tokenizer, q.calib), device)
         if q.kv_cache.granularity == "tensor":
             k, v = (x.amax(-1, keepdim=True).expand_as(x).contiguous() for x in (k, v))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save((k.cpu(), v.cpu()), path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
+        torch.save((k.cpu(), v.cpu()), tmp)
+
+    (k, v), _ = artifacts.cached(dest, "static KV scales", build, torch.load)
     qmax = FORMATS[q.kv_cache.dtype].qmax
     return (k.float().clamp_min(1e-6) / qmax).to(device), (v.float().clamp_min(1e-6) / qmax).to(device)

@@ -7,19 +7,16 @@ calibrated result; RTN (round to nearest, no calibration) is the baseline AWQ sh
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from kvexp.checkpoint import model_key
+from kvexp import artifacts
 from kvexp.core.int4 import Int4Linear, pack, quantize_groups, rtn_quantize
 
 if TYPE_CHECKING:
@@ -29,31 +26,25 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1  # bump when the stored format or the recipe changes
 
 
-def artifact_path(spec: RunSpec, kind: str, parts: dict) -> Path:
-    """Cache path of a quantization artifact keyed by what determines it (model, recipe, calibration data)."""
-    key = {"kind": kind, "version": FORMAT_VERSION, "model": model_key(spec.cfg.model.path),
-           "revision": spec.cfg.model.revision, **parts}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return spec.cache_dir / "quant" / f"{kind}-{digest}"
+def artifact_key(spec: RunSpec, *parts: str) -> dict:
+    """What a quantization artifact of this run depends on: the model's fingerprint, the named BuildSpec fields,
+    the stored format's version and the device type (AWQ and KV calibration run in bf16 on CUDA, fp32 on CPU)."""
+    return spec.build.artifact_key(*parts) | {"format": FORMAT_VERSION, "device_type": spec.build.torch_device.type}
 
 
 def int4_weights(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> tuple[Path, float]:
     """Packed int4 weights for the run's quant.weights (cached). Returns (safetensors path, seconds spent)."""
-    w = spec.cfg.quant.weights
-    parts = {"weights": vars(w)} | ({"calib": vars(spec.cfg.quant.calib)} if w.algo == "awq" else {})
-    out = artifact_path(spec, f"int4-{w.algo}", parts).with_suffix(".safetensors")
-    if out.exists():
-        return out, 0.0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if out.exists():
-            return out, 0.0
-        start = time.perf_counter()
+    w = spec.build.weights
+    key = artifact_key(spec, "weights", *(("calib", "versions") if w.algo == "awq" else ()))
+    dest = artifacts.path(spec.cache_dir, f"quant/int4-{w.algo}", key, ".safetensors")
+    start = time.perf_counter()
+
+    def build(tmp: Path) -> None:
         state = _awq(spec, model_dir, tokenizer, device) if w.algo == "awq" else _rtn(model_dir, w.group_size)
-        tmp = out.with_suffix(".tmp")
         save_file(state, str(tmp))
-        tmp.rename(out)  # atomic: a killed job never leaves a half-written artifact
-        return out, time.perf_counter() - start
+
+    path, built = artifacts.cached(dest, f"int4 {w.algo} weights", build, lambda p: p)
+    return path, time.perf_counter() - start if built else 0.0
 
 
 def _rtn(model_dir: Path, group: int) -> dict[str, torch.Tensor]:

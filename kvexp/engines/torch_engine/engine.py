@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import resource
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -11,15 +10,13 @@ from typing import Sequence
 import torch
 
 from kvexp.checkpoint import check_context, read_model_config, resolve_model
-from kvexp.core.engine import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
-from kvexp.core import fused
+from kvexp.core import fused, memory
 from kvexp.core.decode import DecodeLoop
-from kvexp.core.model import ArchConfig, CausalLM, load_state
-from kvexp.errors import ConfigError, UnsupportedConfig
+from kvexp.core.engine import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
 from kvexp.core.int4 import Int4Linear
 from kvexp.core.kv import FORMATS, KVCache, QuantizedKVCache
-
-DEVICE_HELP = "engine.device={}: no CUDA GPU is visible here; use engine.device=auto or cpu"
+from kvexp.core.model import ArchConfig, CausalLM, load_state
+from kvexp.errors import ConfigError, UnsupportedConfig
 
 
 @dataclass
@@ -36,25 +33,9 @@ class TorchOptions:
             raise ConfigError(f"engine.attention={self.attention}: not one of auto, triton, torch")
 
 
-def resolve_device(opt: TorchOptions) -> torch.device:
-    if opt.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if opt.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UnsupportedConfig(DEVICE_HELP.format(opt.device))
-    return torch.device(opt.device)
-
-
 def kv_format(kv_dtype: str) -> str:
     """The fmt_name of the cache new_cache builds for quant.kv_cache.dtype: what the kernels call its format."""
     return KVCache.fmt_name if kv_dtype == "auto" else FORMATS[kv_dtype].name
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if device.type != "cuda":
-        return torch.float32  # CPU half-precision matmuls are slow and not what anyone deploys
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
 class TorchEngine(Engine):
@@ -69,30 +50,32 @@ class TorchEngine(Engine):
     Options = TorchOptions
 
     @classmethod
-    def check_supported(cls, spec) -> None:
-        super().check_supported(spec)
-        device = resolve_device(spec.engine_options)
-        if spec.engine_options.attention == "triton":
-            from kvexp.core.kernels import triton_available
+    def attention_impl(cls, kv, device: torch.device, dtype: torch.dtype, options: TorchOptions) -> str:
+        """"triton:<fmt>" where the Triton kernel serves the cache format and dtype on a CUDA device, else
+        "torch:<fmt>" (the PyTorch reference: the CPU path, or what engine.attention=torch asks for). On CUDA a
+        combination the kernel cannot serve is refused rather than silently run on the slow reference path."""
+        fmt = kv_format(kv.dtype)
+        if options.attention == "torch" or (device.type != "cuda" and options.attention == "auto"):
+            return f"torch:{fmt}"
+        from kvexp.core.kernels import triton_available
+        from kvexp.core.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
 
-            if device.type != "cuda" or not triton_available():
-                raise UnsupportedConfig("engine.attention=triton: needs a CUDA GPU and triton; use engine.attention=auto")
-            from kvexp.core.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
-
-            kv_dtype, dtype = spec.cfg.quant.kv_cache.dtype, resolve_dtype(spec.cfg.model.dtype, device)
-            if kv_format(kv_dtype) not in KERNEL_FORMATS:
-                raise UnsupportedConfig(f"engine.attention=triton: the Triton kernel reads {', '.join(KERNEL_FORMATS)} "
-                                        f"caches, not quant.kv_cache.dtype={kv_dtype}; use engine.attention=auto|torch")
-            if dtype not in MODEL_DTYPES:
-                names = "|".join(str(d).removeprefix("torch.") for d in MODEL_DTYPES)
-                raise UnsupportedConfig(f"engine.attention=triton: the Triton kernel takes {names} queries, not "
-                                        f"model.dtype={spec.cfg.model.dtype}; use model.dtype=auto|{names}")
+        if device.type != "cuda" or not triton_available():
+            raise UnsupportedConfig("engine.attention=triton: needs a CUDA GPU and triton; use engine.attention=auto")
+        if fmt not in KERNEL_FORMATS:
+            raise UnsupportedConfig(f"quant.kv_cache.dtype={kv.dtype}: the Triton decode kernel reads "
+                                    f"{', '.join(KERNEL_FORMATS)} caches, not {fmt}; add engine.attention=torch to run "
+                                    "it on the (slow) PyTorch reference path")
+        if dtype not in MODEL_DTYPES:
+            names = "|".join(str(d).removeprefix("torch.") for d in MODEL_DTYPES)
+            raise UnsupportedConfig(f"model.dtype={str(dtype).removeprefix('torch.')}: the Triton decode kernel takes "
+                                    f"{names} queries; use model.dtype=auto|{names}, or engine.attention=torch")
+        return f"triton:{fmt}"
 
     # ---- build ----
     def build(self) -> BuildInfo:
         start = time.perf_counter()
-        self.device = resolve_device(self.options)
-        self.dtype = resolve_dtype(self.spec.cfg.model.dtype, self.device)
+        self.device, self.dtype = self.spec.build.torch_device, self.spec.build.torch_dtype
         self.model_dir = resolve_model(self.spec)
         self.arch = ArchConfig.from_hf(read_model_config(self.model_dir))
         check_context(self.spec, self.arch.max_positions)
@@ -132,15 +115,8 @@ class TorchEngine(Engine):
         return {"quant.calib_s": seconds, "quant.int4_layers": swapped}
 
     def _decode_attention(self):
-        """The fused Triton kernel on CUDA for the formats it reads; None = the PyTorch reference path."""
-        if self.options.attention == "torch" or self.device.type != "cuda":
-            return None
-        from kvexp.core.kernels import triton_available
-        from kvexp.core.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
-
-        # int4 KV and float32 models get here only with engine.attention=auto (check_supported rejects triton)
-        fmt = kv_format(self.spec.cfg.quant.kv_cache.dtype)
-        if not triton_available() or fmt not in KERNEL_FORMATS or self.dtype not in MODEL_DTYPES:
+        """The fused Triton kernel where the BuildSpec chose it; None = the PyTorch reference path."""
+        if not self.spec.build.attention.startswith("triton:"):
             return None
         from kvexp.core.kernels.decode_attention import decode_attention
 
@@ -250,11 +226,10 @@ class TorchEngine(Engine):
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for t in list(self.model.parameters()) + list(self.model.buffers()) if t is not self.model.inv_freq}
         probe = self.new_cache(1, 16)  # bytes/token are measured from real cache tensors, not assumed
-        peak = (torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         return MemoryReport(weight_bytes=sum(storages.values()),
                             kv_bytes_per_token=probe.bytes_per_token(),
-                            kv_bytes_per_token_formula=probe.formula_bytes_per_token(), peak_bytes=int(peak))
+                            kv_bytes_per_token_formula=probe.formula_bytes_per_token(),
+                            peak_bytes=memory.peak_bytes(self.device))
 
     def close(self) -> None:
         self._loop = None

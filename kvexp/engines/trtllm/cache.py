@@ -6,14 +6,10 @@ Layout under the kvexp cache dir:  trtllm/engines/<build key[:16]>/   (config.js
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Optional
 
+from kvexp import artifacts
 from kvexp.config import CalibConfig
 from kvexp.errors import ConfigError
 
@@ -33,30 +29,12 @@ CALIB_MIN_ROWS = 512
 LOCAL_CALIB_SUFFIXES = (".txt", ".jsonl")
 
 
-def digest(data) -> str:
-    """sha256 of canonical JSON: key order does not matter."""
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
-
-
 def engine_dir(cache_root: Path, build_key: str) -> Path:
     return cache_root / "trtllm" / "engines" / build_key[:16]
 
 
 def is_local_calib(dataset: str) -> bool:
     return dataset.endswith(LOCAL_CALIB_SUFFIXES)
-
-
-def calib_key(calib: CalibConfig, model: str, revision: Optional[str]) -> str:
-    """Changes when the calibration windows change: the source (file contents, not only the path), the sampling,
-    and the model, whose tokenizer cuts the windows."""
-    source = calib.dataset
-    if source == "builtin" or is_local_calib(source):
-        from kvexp.quant.calib import BUILTIN
-
-        path = BUILTIN if source == "builtin" else Path(source).expanduser()
-        source = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digest({"source": source, "num_samples": calib.num_samples, "seq_len": calib.seq_len, "model": model,
-                   "revision": revision})
 
 
 def calib_dir(cache_root: Path, key: str) -> Path:
@@ -74,20 +52,15 @@ def write_calib_dir(calib: CalibConfig, tokenizer, target: Path) -> Path:
     TensorRT-LLM re-tokenizes the rows, so its windows match kvexp's up to tokenizer round-trip differences."""
     from kvexp.quant.calib import calibration_batches
 
-    if (target / "validation.jsonl").exists():
-        return target
-    windows = [tokenizer.decode(w[0].tolist()) for w in calibration_batches(tokenizer, calib)]
-    rows = [windows[i % len(windows)] for i in range(max(CALIB_MIN_ROWS, len(windows)))]
-    body = "".join(json.dumps({"text": t}) + "\n" for t in rows)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent))
-    for split in ("train", "validation"):
-        (tmp / f"{split}.jsonl").write_text(body)
-    try:
-        tmp.rename(target)
-    except OSError:  # a parallel job wrote the same key first; its copy is identical
-        shutil.rmtree(tmp)
-    return target
+    def build(tmp: Path) -> None:
+        windows = [tokenizer.decode(w[0].tolist()) for w in calibration_batches(tokenizer, calib)]
+        rows = [windows[i % len(windows)] for i in range(max(CALIB_MIN_ROWS, len(windows)))]
+        body = "".join(json.dumps({"text": t}) + "\n" for t in rows)
+        tmp.mkdir()
+        for split in ("train", "validation"):
+            (tmp / f"{split}.jsonl").write_text(body)
+
+    return artifacts.cached(target, "TensorRT-LLM calibration text", build, lambda p: p)[0]
 
 
 def dir_bytes(path: Path, pattern: str = "*") -> int:
@@ -96,7 +69,5 @@ def dir_bytes(path: Path, pattern: str = "*") -> int:
 
 def save_engine(llm, target: Path) -> None:
     """llm.save() into a temp dir next to target, then rename: a crash never leaves a half-written cached engine."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    llm.save(str(tmp))
-    tmp.rename(target)
+    with artifacts.atomic(target) as tmp:
+        llm.save(str(tmp))

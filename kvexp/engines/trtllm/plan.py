@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from kvexp import artifacts
 from kvexp.engines.trtllm import cache
 
 if TYPE_CHECKING:
@@ -86,7 +87,9 @@ def quant_config_kwargs(spec: RunSpec) -> Optional[dict]:
 
 
 def calib_key(spec: RunSpec) -> str:
-    return cache.calib_key(spec.cfg.quant.calib, spec.cfg.model.path, spec.cfg.model.revision)
+    """Changes when the calibration windows change: the source's contents (the BuildSpec's digest of it), the
+    sampling, and the model, whose tokenizer cuts the windows."""
+    return artifacts.digest({"model": spec.build.model_fingerprint, "calib": spec.build.calib})
 
 
 def calib_source(spec: RunSpec) -> Optional[str]:
@@ -141,8 +144,7 @@ def llm_kwargs(spec: RunSpec, model: str) -> dict:
 
 def build_key_inputs(spec: RunSpec, trt_version: str, gpu_name: str) -> dict:
     """Everything an engine depends on; output dirs, tracking and labels are not in it."""
-    cfg = spec.cfg
-    return dict(model=cfg.model.path, revision=cfg.model.revision, backend=spec.engine_options.backend,
+    return dict(model=spec.build.model_fingerprint, backend=spec.engine_options.backend,
                 dtype=dtype(spec), build_config=build_config_kwargs(spec), quant_config=quant_config_kwargs(spec),
                 calib=calib_key(spec) if needs_calibration(spec) else None,
                 tensorrt_llm=trt_version, gpu=gpu_name)
@@ -154,7 +156,7 @@ def make_plan(spec: RunSpec, *, trt_version: str, gpu_name: str, model: Optional
 
     backend = spec.engine_options.backend
     key_inputs = build_key_inputs(spec, trt_version, gpu_name)
-    key = cache.digest(key_inputs)
+    key = artifacts.digest(key_inputs)
     engine_dir = str(cache.engine_dir(spec.cache_dir, key)) if backend == "tensorrt" else None
     model = model or spec.cfg.model.path
     return {

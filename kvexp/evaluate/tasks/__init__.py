@@ -10,23 +10,21 @@ too: kvexp_arith (multiple choice), kvexp_ppl (perplexity via loglikelihood_roll
 task of kvexp's model organism (kvexp/organism.py, model=organism): multi-query associative recall, exact match
 of the asked record's value words in order. Each task gets its own
 directory <cache_dir>/tasks/<task>-<key>, key = hash of (generator version, task, tokenizer fingerprint,
-lengths, seed, n): written once, atomically under a lock, and reused; the same inputs give byte-identical files.
+lengths, seed, n): written once through kvexp.artifacts (locked, atomic, checksummed) and reused; the same inputs
+give byte-identical files.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from filelock import FileLock
 
-from kvexp import organism
+from kvexp import artifacts, organism
 from kvexp.evaluate.tasks import generators
 from kvexp.evaluate.tasks.generators import LONG_TASKS
 
@@ -88,24 +86,14 @@ def build_tasks(tokenizer, tasks: list[str], *, prompt_len: int, gen_len: int, s
     recipe = Recipe(tokenizer, prompt_len, gen_len, seed, n)
     dirs = [cache_dir / "tasks" / f"{task}-{recipe.key(task)}" for task in tasks]
     for task, target in zip(tasks, dirs):
-        if not target.is_dir():
-            _create(target, task, recipe)
+        artifacts.cached(target, f"task {task}", functools.partial(_create, final=target, task=task, recipe=recipe),
+                         lambda p: p)
     return dirs
 
 
-def _create(target: Path, task: str, recipe: Recipe) -> None:
-    """Write the task into a temporary directory, then rename it: readers never see a half-written task."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):  # parallel jobs: one writes, the others wait and reuse
-        if target.is_dir():
-            return
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        try:
-            WRITERS[task](tmp, target, task, recipe)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        tmp.rename(target)
+def _create(tmp: Path, final: Path, task: str, recipe: Recipe) -> None:
+    tmp.mkdir()
+    WRITERS[task](tmp, final, task, recipe)
 
 
 def _write_long(tmp: Path, final: Path, task: str, recipe: Recipe) -> None:
