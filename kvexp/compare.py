@@ -72,11 +72,14 @@ class Row:
     config_hash: str
     sweep_id: str
     metrics: dict[str, float] = field(default_factory=dict)
+    model_id: str = "?"  # the model's fingerprint (its label for runs logged before kvexp recorded one)
+    machine: tuple = ()  # (device name, library versions): the build environment its numbers belong to
 
     @property
     def setting(self) -> tuple:
-        """What a baseline must share: model, context (name and lengths) and engine."""
-        return self.model, self.context, self.prompt_len, self.gen_len, self.engine
+        """What a baseline must share: the model, the context (name and lengths), the engine, and the build
+        environment: a speed ratio across two kinds of GPU, or two torch versions, measures nothing."""
+        return self.model_id, self.context, self.prompt_len, self.gen_len, self.engine, self.machine
 
     @property
     def labels(self) -> list[str]:
@@ -90,10 +93,13 @@ def _int(text: Optional[str]) -> Optional[int]:
 
 def to_row(run) -> Row:
     tags, params = run.data.tags, run.data.params
-    return Row(run.info.run_id, run.info.run_name, tags.get(TAG + "model", "?"), tags.get(TAG + "quant", "?"),
+    model = tags.get(TAG + "model", "?")
+    return Row(run.info.run_id, run.info.run_name, model, tags.get(TAG + "quant", "?"),
                tags.get(TAG + "context", "?"), _int(params.get("context.prompt_len")),
                _int(params.get("context.gen_len")), tags.get(TAG + "engine", "?"), tags.get(TAG + "config_hash", ""),
-               tags.get(TAG + "sweep_id", ""), dict(run.data.metrics))
+               tags.get(TAG + "sweep_id", ""), dict(run.data.metrics),
+               model_id=tags.get(TAG + "model_fingerprint", model),
+               machine=(tags.get(TAG + "device", "?"), tags.get(TAG + "versions", "?")))
 
 
 def _quoted(value: str) -> str:
@@ -202,15 +208,16 @@ def tables(rows: list[Row], pool: list[Row]) -> tuple[list[Table], list[str]]:
     out = [Table(title, LABELS + [c.header for c in cols],
                  [row.labels + [cell(c, row, bases.get(row.config_hash)) for c in cols] for row in rows])
            for title, cols in groups if cols]
-    notes = [f"(changes) vs the {BASELINE} run of the same model, context and engine: ratio (x) for speed and "
-             "memory, difference for accuracy and fidelity"]
+    notes = [f"(changes) vs the {BASELINE} run of the same model, context and engine on the same machine (device and "
+             "library versions): ratio (x) for speed and memory, difference for accuracy and fidelity"]
     for row in rows:
         base = bases.get(row.config_hash)
         if base is not None and base not in rows:
             notes.append(f"{row.quant} {row.config_hash[:8]}: its {BASELINE} baseline is run {base.name} "
                          "(not in this selection)")
         elif base is None and row.quant != BASELINE:
-            notes.append(f"{row.quant} {row.config_hash[:8]}: no FINISHED {BASELINE} run with its setting")
+            notes.append(f"{row.quant} {row.config_hash[:8]}: no FINISHED {BASELINE} run of its model, context and "
+                         f"engine on its machine ({row.machine[0]}, the same library versions): no changes shown")
     return out, notes
 
 

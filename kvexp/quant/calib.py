@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from kvexp import organism
+from kvexp.checkpoint import unreachable
 from kvexp.config import CalibConfig
 from kvexp.errors import ConfigError
 
@@ -42,7 +43,9 @@ def _hub_texts(name: str, n: int) -> list[str]:
     args, split, field = HUB_DATASETS[name]
     try:
         ds = load_dataset(*args, split=f"{split}[:{max(4 * n, 256)}]")
-    except Exception as e:  # offline, or the Hub moved: the fix is the same
+    except Exception as e:  # only "unreachable" is the user's to fix; a full disk or a bug is raised as it is
+        if not unreachable(e):
+            raise
         raise ConfigError(f"quant.calib.dataset={name}: could not load it from the Hub ({type(e).__name__}); "
                           "use quant.calib.dataset=builtin or a local .txt/.jsonl file offline") from e
     return [t for t in ds[field] if t and t.strip()]
