@@ -16,7 +16,6 @@ give byte-identical files.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +39,8 @@ SCORER_ORDERED = "!function kvexp.evaluate.tasks.scoring.process_results_ordered
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Content hash of a tokenizer: the same vocabulary and splitting give the same hash wherever it is stored."""
-    blob = json.dumps([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
-                       tokenizer.encode(PROBE_TEXT), tokenizer.bos_token, tokenizer.eos_token])
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return artifacts.digest([type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
+                             tokenizer.encode(PROBE_TEXT), tokenizer.bos_token, tokenizer.eos_token])
 
 
 @dataclass(frozen=True)
@@ -61,11 +59,9 @@ class Recipe:
     def key(self, task: str) -> str:
         # kvexp_recall's documents come from kvexp.organism, whose vocabulary is part of its recipe
         organism_recipe = organism.VERSION_TAG if task == "kvexp_recall" else None
-        blob = json.dumps({"version": GENERATOR_VERSION, "organism": organism_recipe, "task": task,
-                           "tokenizer": self.fingerprint, "prompt_len": self.prompt_len, "gen_len": self.gen_len,
-                           "seed": self.seed, "n": self.n},
-                          sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return artifacts.digest({"version": GENERATOR_VERSION, "organism": organism_recipe, "task": task,
+                                 "tokenizer": self.fingerprint, "prompt_len": self.prompt_len, "gen_len": self.gen_len,
+                                 "seed": self.seed, "n": self.n})[:16]
 
     def budget(self, max_new: int) -> int:
         """Prompt tokens a generation task may use: prompt_len, less any of max_new that gen_len cannot hold."""
