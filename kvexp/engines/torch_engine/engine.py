@@ -16,7 +16,7 @@ from kvexp.core import fused
 from kvexp.core.decode import DecodeLoop
 from kvexp.core.model import ArchConfig, CausalLM, load_state
 from kvexp.errors import ConfigError, UnsupportedConfig
-from kvexp.core.int4 import Int4Linear
+from kvexp.core.int4 import PackedLinear
 from kvexp.core.kv import FORMATS, KVCache, QuantizedKVCache
 
 DEVICE_HELP = "engine.device={}: no CUDA GPU is visible here; use engine.device=auto or cpu"
@@ -107,8 +107,8 @@ class TorchEngine(Engine):
         self.model.fuse_projections()
         if self.device.type == "cuda":
             self.model.ops = fused.compiled()
-            metrics["quant.int4_fast_layers"] = sum(m.prepare_tinygemm() for m in self.model.modules()
-                                                    if isinstance(m, Int4Linear))
+            metrics["quant.int4_fast_layers"] = sum(m.prepare() in ("triton", "tinygemm") for m in self.model.modules()
+                                                    if isinstance(m, PackedLinear))
         self.kv_scales = None
         kv = self.spec.cfg.quant.kv_cache
         if kv.dtype != "auto" and kv.scale == "static":

@@ -1,0 +1,222 @@
+"""Weight-only quantized matmul (W4A16 / W8A16) for the decode step, and the dequantize kernel for prefill.
+
+Formats (kvexp.core.int4's, engine-neutral), per output row n and group g of `group` input columns:
+  bits 4: qweight [N, K/2] uint8, q + 8 in a nibble, column 2i low, 2i+1 high; q in [-8, 7]
+  bits 8: qweight [N, K] int8, q in [-127, 127]
+  w[n, k] = q[n, k] * scales[n, k // group]  (scales [N, K/group] in the model dtype)
+
+`wq_matmul` computes y [M, N] = (x * pre_scale) @ w^T + bias for a few rows (M <= 16: the decode batch).
+At batch 1 a ~1B model's step must stream every weight byte once at the memory bandwidth, so the kernel
+keeps the weights packed all the way into registers: each program owns BLOCK_N output columns and a slice of
+K (split-K, so that even the 2048-wide projections give a few programs per SM), dots one group at a time
+with the integer weights (exact in bf16/fp16) and applies the group's scale to the [M, BLOCK_N] partial.
+Split-K programs write fp32 partials; the last one to finish a column tile (a counter per tile, reset by
+that program) sums them and writes the output, so one launch does the whole layer: no memset, no second
+reduction kernel (the stream-K fix-up of Osama et al., 2023).
+
+`dequantize` writes the dense weight [N, K] in the model dtype, one pass at ~2.5 bytes per weight, for
+prefill, where a dense GEMM on many rows beats any GEMV. The *_ref functions are the same math in
+PyTorch, the CPU path and what the tests hold the kernels to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kvexp.core.kernels import require_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: keep this module importable, calls fail with how to install
+    from kvexp.core.kernels import _MissingTriton as triton, _MissingTriton as tl
+
+GEMV_ROWS = 16  # the kernel pads the rows to one 16-row tensor-core tile; more rows run dequantize + GEMM
+BITS_QMAX = {4: 7, 8: 127}  # symmetric integer grid per width
+
+
+def unpack_ref(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored qweight -> integer q [N, K] int8."""
+    if bits == 8:
+        return qweight.view(torch.int8)
+    lo, hi = (qweight & 0xF).to(torch.int8) - 8, (qweight >> 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), -1).flatten(-2)
+
+
+def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, group: int, bits: int,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dense w [N, K] = q * scale, computed in float32 and rounded once to dtype (default float32)."""
+    q = unpack_ref(qweight, bits).float()
+    N, K = q.shape
+    w = (q.reshape(N, K // group, group) * scales.float()[..., None]).reshape(N, K)
+    return w if dtype is None else w.to(dtype)
+
+
+def wq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int, bits: int,
+                  pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] -> (x * pre_scale) @ w^T + bias [M, N] in x's dtype, through the dense weight."""
+    if pre_scale is not None:
+        x = x * pre_scale
+    return torch.nn.functional.linear(x, dequantize_ref(qweight, scales, group, bits, x.dtype), bias)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_n: int = 32
+    split_k: int = 0  # 0: enough splits for ~`waves` programs per SM
+    num_warps: int = 4
+    num_stages: int = 4
+    waves: int = 4
+
+
+DEFAULT_CONFIG = MatmulConfig()
+
+
+def split_for(cfg: MatmulConfig, n_tiles: int, n_groups: int, sms: int) -> int:
+    """Splits of K: enough programs to keep ~cfg.waves per SM in flight, at least one group each."""
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, n_groups))
+    return max(1, min(n_groups, (cfg.waves * sms) // max(n_tiles, 1)))
+
+
+@triton.jit
+def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
+               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 = x[:, group g] @ q[:, group g]^T (integer weights, no scale yet)."""
+    dtype = x_ptr.dtype.element_ty
+    if BITS == 4:
+        j = tl.arange(0, GROUP // 2)
+        wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + (g * (GROUP // 2) + j)[None, :],
+                     mask=mask_n[:, None], other=0).to(tl.int32)
+        lo = ((wb & 15) - 8).to(dtype)
+        hi = ((wb >> 4) - 8).to(dtype)
+        k = g * GROUP + 2 * j
+        xe = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
+        xo = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k + 1)[None, :], mask=mask_m[:, None], other=0.0)
+        if HAS_PRE:  # rounded to the model dtype before the dot, as (x * pre_scale) is in PyTorch
+            xe = (xe.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
+            xo = (xo.to(tl.float32) * tl.load(pre_ptr + k + 1).to(tl.float32)[None, :]).to(dtype)
+        return tl.dot(xe, tl.trans(lo)) + tl.dot(xo, tl.trans(hi))
+    else:
+        k = g * GROUP + tl.arange(0, GROUP)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0).to(dtype)
+        xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
+        if HAS_PRE:
+            xa = (xa.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
+        return tl.dot(xa, tl.trans(w))
+
+
+@triton.jit
+def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, bias_ptr, part_ptr, lock_ptr, out_ptr,
+                      M, N, n_groups, stride_xm, stride_wn, stride_sn, stride_om,
+                      GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SPLIT_K: tl.constexpr, HAS_PRE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    per_split = tl.cdiv(n_groups, SPLIT_K)
+    g_end = tl.minimum(n_groups, (pid_k + 1) * per_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(pid_k * per_split, g_end):
+        part = _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
+                          GROUP, BITS, HAS_PRE)
+        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+        acc += part * s[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    last = True
+    if SPLIT_K > 1:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        part_offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * N + part_offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the counter says so (release below)
+        last = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
+        if last:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(SPLIT_K):  # .cg: the other programs' partials are in L2, never in this SM's L1
+                acc += tl.load(part_ptr + k * M * N + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch (and the next graph replay)
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Per-device split-K counters, all zero between launches (each kernel resets the ones it used).
+    Layers run one after another on one stream, so they share them."""
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int, bits: int,
+              pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+              config: MatmulConfig = DEFAULT_CONFIG, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] fp16/bf16 (M <= GEMV_ROWS for speed; any M is correct) -> [M, N] in x's dtype (into out)."""
+    require_triton(triton, x, _wq_matmul_kernel)
+    x = x.contiguous()
+    M, K = x.shape
+    N = qweight.shape[0]
+    if K % group or group % 32 or qweight.shape[1] * 8 != K * bits:
+        raise ValueError(f"wq_matmul: K={K}, group={group}, qweight {tuple(qweight.shape)} do not match {bits}-bit "
+                         "groups of a multiple of 32 columns")
+    n_groups, block_m = K // group, 16
+    n_tiles, m_tiles = triton.cdiv(N, config.block_n), triton.cdiv(M, block_m)
+    split = split_for(config, n_tiles * m_tiles, n_groups, _sms(x.device))
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    part = torch.empty(split if split > 1 else 1, M, N, dtype=torch.float32, device=x.device)
+    locks = _locks(x.device, n_tiles * m_tiles)
+    _wq_matmul_kernel[(n_tiles, split, m_tiles)](
+        x, qweight, scales, x if pre_scale is None else pre_scale, x if bias is None else bias, part, locks, out,
+        M, N, n_groups, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n, SPLIT_K=split,
+        HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                       GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    dtype = out_ptr.dtype.element_ty
+    if BITS == 4:
+        j = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        mask = mask_n[:, None] & (j < K // 2)[None, :]
+        wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + j[None, :], mask=mask, other=0).to(tl.int32)
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (2 * j // GROUP)[None, :], mask=mask, other=0.0)
+        s = s.to(tl.float32)
+        row = out_ptr + offs_n[:, None] * stride_on
+        tl.store(row + (2 * j)[None, :], (((wb & 15) - 8).to(tl.float32) * s).to(dtype), mask=mask)
+        tl.store(row + (2 * j + 1)[None, :], (((wb >> 4) - 8).to(tl.float32) * s).to(dtype), mask=mask)
+    else:
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (k < K)[None, :]
+        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask, other=0).to(tl.float32)
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (k // GROUP)[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], (q * s.to(tl.float32)).to(dtype), mask=mask)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, group: int, bits: int, dtype: torch.dtype,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dense weight [N, K] in dtype (into out), bit-identical to dequantize_ref(..., dtype)."""
+    require_triton(triton, qweight, _dequantize_kernel)
+    N, K = qweight.shape[0], qweight.shape[1] * 8 // bits
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device) if out is None else out
+    block_n, block_k = 16, 256
+    _dequantize_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+        qweight, scales, out, N, K, qweight.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group, BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
