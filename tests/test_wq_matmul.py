@@ -50,12 +50,37 @@ def test_wq_matmul_matches_float64(bits, dtype, m, n, k, group, split, block_n):
     bias = torch.randn(n, generator=gen).to(DEVICE, dtype)
     for p, b in ((pre, bias), (None, None)):
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-        wq.wq_matmul(x, qweight, scales, group, bits, p, b, wq.MatmulConfig(block_n=block_n, split_k=split), out=out)
+        wq.wq_matmul(x, qweight, scales, group, bits, p, b, config=wq.MatmulConfig(block_n=block_n, split_k=split),
+                     out=out)
         xs = x if p is None else x * p  # the model rounds (x * pre_scale) to its dtype, so does the kernel
         ref = xs.double() @ wq.dequantize_ref(qweight, scales, group, bits).double().T
         ref = ref if b is None else ref + b.double()
         assert _rel(out, ref) < TOL[dtype], (p is None, _rel(out, ref))
     assert not wq._LOCKS[torch.device(DEVICE)].any(), "split-K counters must be left at zero for the next launch"
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+@pytest.mark.parametrize("m,split", [(1, 0), (5, 3), (17, 1)])
+def test_gated_epilogue_and_dense_weights(bits, m, split):
+    """gated: [gate; up] weights -> silu(gate) * up in the kernel's epilogue; bits 16: dense weights, no scales."""
+    gen = torch.Generator().manual_seed(100 * bits + m)
+    n, k, group = 40, 256, 64
+    x = torch.randn(m, k, generator=gen).to(DEVICE).half()
+    bias = torch.randn(2 * n, generator=gen).to(DEVICE).half()
+    if bits == 16:
+        qweight, scales = (torch.randn(2 * n, k, generator=gen) / 16).to(DEVICE).half(), None
+        w = qweight.double()
+    else:
+        qweight, scales = _weights(2 * n, k, group, bits, torch.float16, gen)
+        w = wq.dequantize_ref(qweight, scales, group, bits).double()
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    wq.wq_matmul(x, qweight, scales, group, bits, None, bias, gated=True,
+                 config=wq.MatmulConfig(block_n=16, split_k=split), out=out)
+    h = x.double() @ w.T + bias.double()
+    ref = torch.nn.functional.silu(h[:, :n]) * h[:, n:]
+    assert _rel(out, ref) < TOL[torch.float16]
+    plain = wq.wq_matmul(x, qweight, scales, group, bits, config=wq.MatmulConfig(block_n=16, split_k=split))
+    assert _rel(plain, x.double() @ w.T) < TOL[torch.float16]
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvexp.core.kernels.wq_matmul import BITS_QMAX, GEMV_ROWS, dequantize_ref, unpack_ref
+from kvexp.core.kernels.wq_matmul import BITS_QMAX, GEMV_ROWS, dense_tile, dequantize_ref, unpack_ref
 
 KERNELS = ("auto", "triton", "tinygemm", "dequant", "reference")
 
@@ -102,7 +102,8 @@ class PackedLinear(nn.Module):
         dev = self.qweight.device
         from kvexp.core.kernels import triton_available
 
-        gpu = dev.type == "cuda" and triton_available() and self.scales.dtype in (torch.float16, torch.bfloat16)
+        dtype = self.qweight.dtype if self.bits == 16 else self.scales.dtype
+        gpu = dev.type == "cuda" and triton_available() and dtype in (torch.float16, torch.bfloat16)
         sm80 = gpu and torch.cuda.get_device_capability(dev)[0] >= 8
         if kernel == "auto":
             kernel = "triton" if sm80 and self.group % 32 == 0 else "dequant" if gpu else "reference"
@@ -139,13 +140,24 @@ class PackedLinear(nn.Module):
         self.kernel = "tinygemm"
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.kernel == "triton" and rows.shape[0] <= GEMV_ROWS:
-            from kvexp.core.kernels.wq_matmul import wq_matmul
+    def silu_mul(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """For a [gate; up] layer: silu(gate) * up [..., out/2] with the product in the kernel's epilogue, or
+        None where this kernel and row count have no such epilogue (then apply fused.silu_mul to forward's)."""
+        return self._gemv(x, gated=True)
 
-            y = wq_matmul(rows, self.qweight, self.scales, self.group, self.bits, self.pre_scale, self.bias)
-            return y.reshape(*x.shape[:-1], self.out_features)
+    def _gemv(self, x: torch.Tensor, gated: bool) -> Optional[torch.Tensor]:
+        rows = x.reshape(-1, self.in_features)
+        if self.kernel != "triton" or rows.shape[0] > GEMV_ROWS:
+            return None
+        from kvexp.core.kernels.wq_matmul import wq_matmul
+
+        y = wq_matmul(rows, self.qweight, self.scales, self.group, self.bits, self.pre_scale, self.bias, gated)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._gemv(x, gated=False)
+        if y is not None:
+            return y
         if self.pre_scale is not None:
             x = x * self.pre_scale
         if self.kernel == "tinygemm":
@@ -154,6 +166,8 @@ class PackedLinear(nn.Module):
 
     def _dense(self, dtype: torch.dtype) -> torch.Tensor:
         """The dense weight [N, K] in dtype, transient: built per call, so only packed weights stay resident."""
+        if self.bits == 16:
+            return self.qweight
         if self.kernel == "reference":
             return dequantize_ref(self.qweight, self.scales, self.group, self.bits, dtype)
         from kvexp.core.kernels.wq_matmul import dequantize
@@ -177,3 +191,19 @@ class Int4Linear(PackedLinear):
 
 class Int8Linear(PackedLinear):
     bits = 8
+
+
+class DenseLinear(PackedLinear):
+    """An unquantized linear (qweight is the dense weight [N, K], no scales) run by the same Triton kernel at
+    decode, for its fused silu * up epilogue and split-K at small N; prefill is a plain F.linear."""
+    bits = 16
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        super().__init__(weight, None, dense_tile(weight.shape[1]), None, bias)
+
+    @classmethod
+    def from_linear(cls, m: nn.Linear) -> "DenseLinear":
+        return cls(m.weight.detach(), None if m.bias is None else m.bias.detach())
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float()

@@ -72,6 +72,21 @@ class MatmulConfig:
 
 
 DEFAULT_CONFIG = MatmulConfig()
+# (weight rows, K, bits, row bucket) -> the measured best config (scripts/bench_decode.py --tune fills it in)
+CONFIGS: dict[tuple[int, int, int, int], MatmulConfig] = {}
+
+
+def row_bucket(m: int) -> int:
+    return 1 if m == 1 else 8 if m <= 8 else GEMV_ROWS
+
+
+def config_for(m: int, rows: int, k: int, bits: int) -> MatmulConfig:
+    return CONFIGS.get((rows, k, bits, row_bucket(m)), DEFAULT_CONFIG)
+
+
+def dense_tile(k: int) -> int:
+    """The K tile of the dense (bits 16) kernel: the largest of 128, 64, 32 dividing K."""
+    return next((t for t in (128, 64, 32) if k % t == 0), 0)
 
 
 def split_for(cfg: MatmulConfig, n_tiles: int, n_groups: int, sms: int) -> int:
@@ -84,7 +99,7 @@ def split_for(cfg: MatmulConfig, n_tiles: int, n_groups: int, sms: int) -> int:
 @triton.jit
 def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
                GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] fp32 = x[:, group g] @ q[:, group g]^T (integer weights, no scale yet)."""
+    """[BLOCK_M, BLOCK_N] fp32 = x[:, group g] @ q[rows offs_n, group g]^T (integer weights, no scale yet)."""
     dtype = x_ptr.dtype.element_ty
     if BITS == 4:
         j = tl.arange(0, GROUP // 2)
@@ -99,7 +114,7 @@ def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_
             xe = (xe.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
             xo = (xo.to(tl.float32) * tl.load(pre_ptr + k + 1).to(tl.float32)[None, :]).to(dtype)
         return tl.dot(xe, tl.trans(lo)) + tl.dot(xo, tl.trans(hi))
-    else:
+    else:  # int8 codes, or (BITS 16) the dense weight itself, one K tile of GROUP columns
         k = g * GROUP + tl.arange(0, GROUP)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0).to(dtype)
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
@@ -109,10 +124,22 @@ def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_
 
 
 @triton.jit
+def _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
+                stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr):
+    part = _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
+                      GROUP, BITS, HAS_PRE)
+    if BITS == 16:
+        return acc + part
+    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+    return acc + part * s[None, :]
+
+
+@triton.jit
 def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, bias_ptr, part_ptr, lock_ptr, out_ptr,
                       M, N, n_groups, stride_xm, stride_wn, stride_sn, stride_om,
-                      GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SPLIT_K: tl.constexpr, HAS_PRE: tl.constexpr, HAS_BIAS: tl.constexpr):
+                      SPLIT_K, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, HAS_PRE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+    """GATED: the weight is [gate; up] (2N rows) and the output silu(gate) * up [M, N], the MLP's epilogue."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,28 +147,46 @@ def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, bias_ptr, part_ptr, lock_ptr
     per_split = tl.cdiv(n_groups, SPLIT_K)
     g_end = tl.minimum(n_groups, (pid_k + 1) * per_split)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(pid_k * per_split, g_end):
-        part = _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-                          GROUP, BITS, HAS_PRE)
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
-        acc += part * s[None, :]
+        acc = _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm,
+                          stride_wn, stride_sn, GROUP, BITS, HAS_PRE)
+        if GATED:
+            acc_up = _accumulate(acc_up, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n + N, mask_m, mask_n, g,
+                                 stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE)
     mask = mask_m[:, None] & mask_n[None, :]
-    last = True
-    if SPLIT_K > 1:
+    if SPLIT_K == 1:
+        _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om, HAS_BIAS, GATED)
+    else:
         tile = pid_m * tl.num_programs(0) + pid_n
-        part_offs = offs_m[:, None] * N + offs_n[None, :]
-        tl.store(part_ptr + pid_k * M * N + part_offs, acc, mask=mask)
+        width = 2 * N if GATED else N  # partials [SPLIT_K, M, width] fp32
+        part_offs = offs_m[:, None] * width + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * width + part_offs, acc, mask=mask)
+        if GATED:
+            tl.store(part_ptr + pid_k * M * width + part_offs + N, acc_up, mask=mask)
         tl.debug_barrier()  # every thread's partial is stored before the counter says so (release below)
-        last = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
-        if last:
+        if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for k in range(SPLIT_K):  # .cg: the other programs' partials are in L2, never in this SM's L1
-                acc += tl.load(part_ptr + k * M * N + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+                acc += tl.load(part_ptr + k * M * width + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(part_ptr + k * M * width + part_offs + N, mask=mask, other=0.0,
+                                      cache_modifier=".cg")
             tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch (and the next graph replay)
-    if last:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+            _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om, HAS_BIAS, GATED)
+
+
+@triton.jit
+def _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om,
+            HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -160,28 +205,33 @@ def _sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int, bits: int,
-              pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
-              config: MatmulConfig = DEFAULT_CONFIG, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x [M, K] fp16/bf16 (M <= GEMV_ROWS for speed; any M is correct) -> [M, N] in x's dtype (into out)."""
+def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Tensor], group: int, bits: int,
+              pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, gated: bool = False,
+              config: Optional[MatmulConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] fp16/bf16 (M <= GEMV_ROWS for speed; any M is correct) -> [M, N] in x's dtype (into out).
+    bits 16: qweight is the dense weight [N, K] (scales None; group = the K tile). gated: qweight holds
+    [gate; up] (2N rows) and the result is silu(gate) * up [M, N]."""
     require_triton(triton, x, _wq_matmul_kernel)
     x = x.contiguous()
     M, K = x.shape
-    N = qweight.shape[0]
-    if K % group or group % 32 or qweight.shape[1] * 8 != K * bits:
+    rows = qweight.shape[0]
+    N = rows // 2 if gated else rows
+    if K % group or group % 32 or qweight.shape[1] != (K // 2 if bits == 4 else K):
         raise ValueError(f"wq_matmul: K={K}, group={group}, qweight {tuple(qweight.shape)} do not match {bits}-bit "
-                         "groups of a multiple of 32 columns")
+                         "weights in groups of a multiple of 32 columns")
     n_groups, block_m = K // group, 16
+    config = config or config_for(M, N * (2 if gated else 1), K, bits)
     n_tiles, m_tiles = triton.cdiv(N, config.block_n), triton.cdiv(M, block_m)
     split = split_for(config, n_tiles * m_tiles, n_groups, _sms(x.device))
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
-    part = torch.empty(split if split > 1 else 1, M, N, dtype=torch.float32, device=x.device)
+    part = torch.empty(split if split > 1 else 1, M, rows, dtype=torch.float32, device=x.device)
     locks = _locks(x.device, n_tiles * m_tiles)
     _wq_matmul_kernel[(n_tiles, split, m_tiles)](
-        x, qweight, scales, x if pre_scale is None else pre_scale, x if bias is None else bias, part, locks, out,
-        M, N, n_groups, x.stride(0), qweight.stride(0), scales.stride(0), out.stride(0),
-        GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n, SPLIT_K=split,
-        HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None,
+        x, qweight, qweight if scales is None else scales, x if pre_scale is None else pre_scale,
+        x if bias is None else bias, part, locks, out,
+        M, N, n_groups, x.stride(0), qweight.stride(0), 0 if scales is None else scales.stride(0), out.stride(0),
+        split, GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 

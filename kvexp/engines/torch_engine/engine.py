@@ -16,7 +16,6 @@ from kvexp.core import fused
 from kvexp.core.decode import DecodeLoop
 from kvexp.core.model import ArchConfig, CausalLM, load_state
 from kvexp.errors import ConfigError, UnsupportedConfig
-from kvexp.core.int4 import PackedLinear
 from kvexp.core.kv import FORMATS, KVCache, QuantizedKVCache
 
 DEVICE_HELP = "engine.device={}: no CUDA GPU is visible here; use engine.device=auto or cpu"
@@ -107,8 +106,9 @@ class TorchEngine(Engine):
         self.model.fuse_projections()
         if self.device.type == "cuda":
             self.model.ops = fused.compiled()
-            metrics["quant.int4_fast_layers"] = sum(m.prepare() in ("triton", "tinygemm") for m in self.model.modules()
-                                                    if isinstance(m, PackedLinear))
+            kernels = self.model.prepare_kernels()
+            metrics |= {f"kernels.{k}": n for k, n in kernels.items()}
+            metrics["quant.int4_fast_layers"] = kernels.get("int4.triton", 0) + kernels.get("int4.tinygemm", 0)
         self.kv_scales = None
         kv = self.spec.cfg.quant.kv_cache
         if kv.dtype != "auto" and kv.scale == "static":
