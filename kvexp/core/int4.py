@@ -58,6 +58,15 @@ def rtn_quantize(w: torch.Tensor, group: int, bits: int = 4) -> tuple[torch.Tens
     return (pack(q) if bits == 4 else q), amax / BITS_QMAX[bits]
 
 
+def quantize_linear(linear: nn.Linear, bits: int, group: int) -> "PackedLinear":
+    """Round-to-nearest `bits`-wide copy of a dense linear (the output head on request), scales in its dtype."""
+    w = linear.weight.detach()
+    group = group if w.shape[1] % group == 0 else w.shape[1]  # one scale per row where groups do not fit
+    qweight, scales = rtn_quantize(w, group, bits)
+    bias = None if linear.bias is None else linear.bias.detach()
+    return (Int4Linear if bits == 4 else Int8Linear)(qweight, scales.to(w.dtype), group, None, bias)
+
+
 class PackedLinear(nn.Module):
     """y = (x * pre_scale) @ (q * scale)^T + bias over packed `bits`-wide weights (see the module docstring)."""
     bits = 0  # set by each subclass

@@ -122,14 +122,19 @@ class TorchEngine(Engine):
         return BuildInfo(build_s=time.perf_counter() - start, metrics=metrics)
 
     def _quantize_weights(self) -> dict:
-        w = self.spec.cfg.quant.weights
+        w, metrics = self.spec.cfg.quant.weights, {}
+        if w.lm_head != "bf16":  # round-to-nearest copy; a tied embedding stays dense for the lookup
+            from kvexp.core.int4 import quantize_linear
+
+            self.model.lm_head = quantize_linear(self.model.lm_head, int(w.lm_head[3:]), w.group_size)
+            metrics["quant.lm_head_bits"] = self.model.lm_head.bits
         if w.dtype != "int4":
-            return {}
+            return metrics
         from kvexp.quant.weights import int4_weights, swap_int4
 
         path, seconds = int4_weights(self.spec, self.model_dir, self._tokenizer, self.device)
         swapped = swap_int4(self.model, path, w.group_size, self.dtype, self.device)
-        return {"quant.calib_s": seconds, "quant.int4_layers": swapped}
+        return metrics | {"quant.calib_s": seconds, "quant.int4_layers": swapped}
 
     def _decode_attention(self):
         """The fused Triton kernel on CUDA for the formats it reads; None = the PyTorch reference path."""
