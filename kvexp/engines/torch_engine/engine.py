@@ -114,7 +114,9 @@ class TorchEngine(Engine):
         if kv.dtype != "auto" and kv.scale == "static":
             from kvexp.quant.kv_calib import static_kv_scales
 
+            t0 = time.perf_counter()
             self.kv_scales = static_kv_scales(self.spec, self.model, self._tokenizer, self.device)
+            metrics["quant.kv_calib_s"] = time.perf_counter() - t0  # ~0 when the scales come from the cache
         self.model.decode_attn = self._decode_attention()
         self._loop: DecodeLoop | None = None
         if self.device.type == "cuda":
