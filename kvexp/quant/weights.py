@@ -40,7 +40,8 @@ def artifact_path(spec: RunSpec, kind: str, parts: dict) -> Path:
 def int4_weights(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> tuple[Path, float]:
     """Packed int4 weights for the run's quant.weights (cached). Returns (safetensors path, seconds spent)."""
     w = spec.cfg.quant.weights
-    parts = {"weights": vars(w)} | ({"calib": vars(spec.cfg.quant.calib)} if w.algo == "awq" else {})
+    weights = {k: v for k, v in vars(w).items() if k != "lm_head"}  # the head is quantized at load, not here
+    parts = {"weights": weights} | ({"calib": vars(spec.cfg.quant.calib)} if w.algo == "awq" else {})
     out = artifact_path(spec, f"int4-{w.algo}", parts).with_suffix(".safetensors")
     if out.exists():
         return out, 0.0
