@@ -74,7 +74,7 @@ class PackedLinear(nn.Module):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                  pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
         super().__init__()
-        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * 8 // self.bits
+        self.out_features, self.in_features = qweight.shape[0], qweight.shape[1] * (2 if self.bits == 4 else 1)
         self.group = group
         self.kernel = "reference"
         self.register_buffer("qweight", qweight)

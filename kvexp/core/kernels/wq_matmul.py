@@ -190,6 +190,7 @@ def _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, str
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown counter buffers: CUDA graphs captured with them still point there
 
 
 def _locks(device: torch.device, n: int) -> torch.Tensor:
@@ -197,7 +198,9 @@ def _locks(device: torch.device, n: int) -> torch.Tensor:
     Layers run one after another on one stream, so they share them."""
     buf = _LOCKS.get(device)
     if buf is None or buf.numel() < n:
-        buf = _LOCKS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _LOCKS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
     return buf
 
 
