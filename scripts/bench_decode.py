@@ -57,7 +57,6 @@ KERNEL_VARIANTS = {
     "awq tinygemm": ("awq", ["quant.weights.algo=rtn"], "cublas", "tinygemm"),
     "awq triton": ("awq", ["quant.weights.algo=rtn"], "triton", "triton"),
     "awq triton, int8 head": ("awq", ["quant.weights.algo=rtn", "quant.weights.lm_head=int8"], "triton", "triton"),
-    "awq triton, int4 head": ("awq", ["quant.weights.algo=rtn", "quant.weights.lm_head=int4"], "triton", "triton"),
 }
 
 
