@@ -133,7 +133,11 @@ def bench_shapes(configs: dict[str, dict], ms=(1, 8), sweep=SWEEP) -> list[dict]
     for model, c in configs.items():
         for name, (n, k, gated) in linear_shapes(c).items():
             for m in ms:
-                rows += [dict(r, model=model) for r in bench_layer(name, n, k, gated, m, sweep)]
+                try:
+                    rows += [dict(r, model=model) for r in bench_layer(name, n, k, gated, m, sweep)]
+                except Exception as e:  # out of memory, say: this layer's rows are missing, the rest run
+                    print(f"[linears] {model} {name} m={m}: {type(e).__name__}: {e}"[:300], flush=True)
+                    torch.cuda.empty_cache()
     return rows
 
 
