@@ -161,8 +161,8 @@ def profile_step(engine, ctx: int, gen: int, steps: int = 4) -> list[dict]:
     """Kernel by kernel, one decode step at batch 1 (torch.profiler over eager steps of the captured code:
     the same kernels; the graph only removes the launch gaps). Also the sum, to set against the TPOT."""
     loop = engine._decode_loop(1, ctx + gen)
-    loop.pos.fill_(ctx)
-    with torch.inference_mode():
+    with torch.inference_mode():  # the loop's buffers are inference tensors
+        loop.pos.fill_(ctx)
         loop._step()
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
