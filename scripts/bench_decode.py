@@ -58,6 +58,7 @@ KERNEL_VARIANTS = {
     "awq triton": ("awq", ["quant.weights.algo=rtn"], "triton", "triton"),
     "awq triton, int8 head": ("awq", ["quant.weights.algo=rtn", "quant.weights.lm_head=int8"], "triton", "triton"),
 }
+VARIANTS_QUICK = ("fp16 cublas", "fp16 triton", "awq tinygemm", "awq triton")  # --quick: no head variant
 
 
 def make_checkpoint(out: Path, shape: dict) -> Path:
@@ -204,10 +205,11 @@ def part_b(ckpt: Path, shapes: list[tuple[int, int]], gen: int, iters: int, bw: 
     return rows
 
 
-def part_kernels(ckpt: Path, gen: int, iters: int, bw: float, profile: list[str]) -> tuple[list, dict]:
-    """Every KERNEL_VARIANTS entry at 512 context, batch 1 and 8; tok/s relative to the first (fp16 cuBLAS)."""
+def part_kernels(ckpt: Path, gen: int, iters: int, bw: float, profile: list[str], names) -> tuple[list, dict]:
+    """The named KERNEL_VARIANTS at 512 context, batch 1 and 8; tok/s relative to the first (fp16 cuBLAS)."""
     rows, profiles = [], {}
-    for name, (quant, extra, dense, packed) in KERNEL_VARIANTS.items():
+    for name in names:
+        quant, extra, dense, packed = KERNEL_VARIANTS[name]
         try:
             r, p = run_engine(ckpt, name, quant, extra, dense, packed, [(512, 1), (512, 8)], gen, iters, bw,
                               name in profile)
@@ -304,7 +306,7 @@ def main() -> None:
                                                                                 list(results["ceilings"][model][0])))
         if go(f"kernels:{model}"):
             profile = [] if "p" in args.skip else ["fp16 triton", "awq triton"]
-            rows, profiles = part_kernels(ckpt, gen, iters, bw, profile)
+            rows, profiles = part_kernels(ckpt, gen, iters, bw, profile, VARIANTS_QUICK if args.quick else KERNEL_VARIANTS)
             results.setdefault("kernels", {})[model], results.setdefault("profile", {})[model] = rows, profiles
             print(f"\n(b) {model}: kernels side by side, 512 context\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
             for name, prof in profiles.items():
