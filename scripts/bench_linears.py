@@ -50,8 +50,10 @@ def _time_us(fn, copies: int) -> float:
                                              return_mode="median") * 1e3 / copies
 
 
-def bench_layer(name: str, rows: int, k: int, gated: bool, m: int, sweep: list, group: int = 128) -> list[dict]:
-    """Every variant of one linear at m rows: a dict each with time_us, GB/s (weight bytes / time), rel_err."""
+def bench_layer(name: str, rows: int, k: int, gated: bool, m: int, sweep: list, group: int = 128,
+                only: tuple = ()) -> list[dict]:
+    """Every variant (or those named in only) of one linear at m rows: a dict each with time_us, GB/s
+    (weight bytes / time), rel_err."""
     gen = torch.Generator(device="cuda").manual_seed(rows * 7 + k + m)
     dense_bytes = rows * k * 2
     copies = max(1, min(64, int(3 * L2_BYTES / (dense_bytes / 4)) + 1))
@@ -71,6 +73,8 @@ def bench_layer(name: str, rows: int, k: int, gated: bool, m: int, sweep: list, 
     results = []
 
     def add(variant: str, fn, weight_bytes: float, ref: torch.Tensor, config=None):
+        if only and variant not in only:
+            return
         try:
             err = _check(fn(0), ref)
             t = _time_us(fn, copies) if err < TOL else float("nan")
@@ -128,13 +132,13 @@ def install_best(rows: list[dict]) -> dict:
     return chosen
 
 
-def bench_shapes(configs: dict[str, dict], ms=(1, 8), sweep=SWEEP) -> list[dict]:
+def bench_shapes(configs: dict[str, dict], ms=(1, 8), sweep=SWEEP, only: tuple = ()) -> list[dict]:
     rows = []
     for model, c in configs.items():
         for name, (n, k, gated) in linear_shapes(c).items():
             for m in ms:
                 try:
-                    rows += [dict(r, model=model) for r in bench_layer(name, n, k, gated, m, sweep)]
+                    rows += [dict(r, model=model) for r in bench_layer(name, n, k, gated, m, sweep, only=only)]
                 except Exception as e:  # out of memory, say: this layer's rows are missing, the rest run
                     print(f"[linears] {model} {name} m={m}: {type(e).__name__}: {e}"[:300], flush=True)
                     torch.cuda.empty_cache()
@@ -146,10 +150,16 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one launch config per kernel")
+    ap.add_argument("--models", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--only", nargs="*", default=(), help="variants to run, e.g. 'triton int4' 'tinygemm int4'")
+    ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
-    rows = bench_shapes(SHAPES, sweep=[wq.DEFAULT_CONFIG] if args.quick else SWEEP)
-    print(table(best_of(rows), ["model", "layer", "m", "variant", "time_us", "GBps", "rel_err"]))
+    rows = bench_shapes({m: SHAPES[m] for m in args.models}, sweep=[wq.DEFAULT_CONFIG] if args.quick else SWEEP,
+                        only=tuple(args.only))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows))
+    print(table(best_of(rows), ["model", "layer", "m", "variant", "time_us", "GBps", "rel_err", "config"]))
 
 
 if __name__ == "__main__":
