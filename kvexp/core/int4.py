@@ -114,8 +114,10 @@ class PackedLinear(nn.Module):
         dtype = self.qweight.dtype if self.bits == 16 else self.scales.dtype
         gpu = dev.type == "cuda" and triton_available() and dtype in (torch.float16, torch.bfloat16)
         sm80 = gpu and torch.cuda.get_device_capability(dev)[0] >= 8
-        if kernel == "auto":
-            kernel = "triton" if sm80 and self.group % 32 == 0 else "dequant" if gpu else "reference"
+        if kernel == "auto":  # int4: tinygemm won the H200 side by side (docs/benchmarks.md, issue 14)
+            tinygemm = self.bits == 4 and sm80 and self._prepare_tinygemm()
+            kernel = "tinygemm" if tinygemm else "triton" if sm80 and self.group % 32 == 0 else \
+                "dequant" if gpu else "reference"
         if kernel == "tinygemm" and not self._prepare_tinygemm():
             raise ValueError("kernel=tinygemm: needs int4 bf16 weights on a CUDA sm80+ GPU, group 32-256, "
                              "out_features % 8 == 0 and in_features % 64 == 0")

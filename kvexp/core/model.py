@@ -82,6 +82,13 @@ def rope_inv_freq(c: dict, head_dim: int) -> list[float]:
     return inv.tolist()
 
 
+def _triton_wins(name: str, linear: nn.Linear) -> bool:
+    """Where the Triton GEMV beat cuBLAS at batch 1 and 8 on the H200 (2026-12-02, scripts/bench_linears.py):
+    the gate|up matrix (its silu * up epilogue saves a kernel), and matrices over 16 MB (down, the head);
+    cuBLAS kept q|k|v and o of Llama-3.2-1B by 0.4-1.3 us and tied on Qwen2.5-1.5B's."""
+    return name == "gate_up" or linear.weight.numel() * linear.weight.element_size() > 16e6
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -225,7 +232,7 @@ class CausalLM(nn.Module):
                 else "cublas"
         for parent in [self] + [m for layer in self.model.layers for m in (layer.self_attn, layer.mlp)]:
             for name, child in list(parent.named_children()):
-                if dense == "triton" and type(child) is nn.Linear:
+                if dense == "triton" and type(child) is nn.Linear and _triton_wins(name, child):
                     child = DenseLinear.from_linear(child)
                     setattr(parent, name, child)
                 if isinstance(child, PackedLinear):
