@@ -56,9 +56,10 @@ KERNEL_VARIANTS = {
     "fp16 triton": ("fp16", [], "triton", "auto"),
     "awq tinygemm": ("awq", ["quant.weights.algo=rtn"], "cublas", "tinygemm"),
     "awq triton": ("awq", ["quant.weights.algo=rtn"], "triton", "triton"),
+    "awq auto": ("awq", ["quant.weights.algo=rtn"], "auto", "auto"),  # what the engine picks
     "awq triton, int8 head": ("awq", ["quant.weights.algo=rtn", "quant.weights.lm_head=int8"], "triton", "triton"),
 }
-VARIANTS_QUICK = ("fp16 cublas", "fp16 triton", "awq tinygemm", "awq triton")  # --quick: no head variant
+VARIANTS_QUICK = ("fp16 cublas", "fp16 triton", "awq tinygemm", "awq triton", "awq auto")  # --quick: no head variant
 
 
 def make_checkpoint(out: Path, shape: dict) -> Path:
