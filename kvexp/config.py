@@ -34,6 +34,7 @@ class WeightQuantConfig:
     dtype: str = "auto"  # auto (the model dtype, unquantized) | int4 | fp8
     algo: str = "none"  # none | awq | rtn
     group_size: int = 128
+    lm_head: str = "bf16"  # bf16 (the model dtype, unquantized) | int8 | int4: round-to-nearest, groups of group_size
 
 
 @dataclass
@@ -130,6 +131,7 @@ CHOICES = {
     "model.dtype": ("auto", "float32", "float16", "bfloat16"),
     "quant.weights.dtype": ("auto", "int4", "fp8"),
     "quant.weights.algo": ("none", "awq", "rtn"),
+    "quant.weights.lm_head": ("bf16", "int8", "int4"),
     "quant.kv_cache.dtype": ("auto", "int8", "fp8", "int4"),
     "quant.kv_cache.scale": ("dynamic", "static"),
     "quant.kv_cache.granularity": ("token", "head", "tensor"),

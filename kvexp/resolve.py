@@ -63,7 +63,7 @@ def build_spec(cfg: KvexpConfig, options, cls=None) -> BuildSpec:
         model_fingerprint=checkpoint.model_fingerprint(cfg.model.path, cfg.model.revision, cfg_cache_dir(cfg)),
         model_dir=None if model_dir is None else str(model_dir), device=str(device), device_name=device_name(device),
         dtype=str(dtype).removeprefix("torch."), weights=WeightFormat(q.weights.dtype, q.weights.algo,
-                                                                      q.weights.group_size),
+                                                                      q.weights.group_size, q.weights.lm_head),
         kv=kv, attention=cls.attention_impl(kv, device, dtype, options),
         calib=calib_spec(q, cfg_cache_dir(cfg)) if needs_calibration(q) else None, options=resolved,
         versions=library_versions())

@@ -1,14 +1,19 @@
-"""Decode speed on one GPU, side by side in one process (issue: speed on the GPU).
+"""Decode speed on one GPU, side by side in one process (issues: speed on the GPU; short context at the roofline).
 
   (a) decode attention: kvexp's Triton kernel (bf16 / int8 / fp8 cache) vs torch SDPA and naive dequant+SDPA
-  (b) end-to-end greedy decode tok/s of the native engine for each quant preset, 512 and 32k context,
-      batch 1 and 8, with Hugging Face transformers generate (static cache + torch.compile) as the baseline
-  (c) peak memory, KV bytes per token, and the fraction of the HBM roofline (bytes per step / copy bandwidth)
+  (k) the step's linears one at a time (scripts/bench_linears.py): cuBLAS bf16, the Triton GEMV, tinygemm int4
+      and the Triton W4A16/W8A16 kernel; with --tune the fastest launch config becomes the kernel's default
+  (b) end-to-end greedy decode tok/s of the native engine per kernel choice and quant preset, batch 1 and 8,
+      with Hugging Face transformers generate (static cache + torch.compile, its best path) as the baseline
+  (c) peak memory, KV bytes per token, the fraction of the HBM roofline (bytes per step / copy bandwidth),
+      and the ceiling ratio over fp16 that each output-head choice allows
+  (p) a kernel-by-kernel profile (torch.profiler) of one decode step of the kept design
 
-Model: Llama-3.2-1B's shape with random weights (speed does not depend on the values). AWQ's speed is measured
-with round-to-nearest int4 weights: the same packed format and the same kernel, with no calibration to run.
+Models: Llama-3.2-1B's and Qwen2.5-1.5B's shapes with random weights (speed does not depend on the values).
+AWQ's speed is measured with round-to-nearest int4 weights: the same packed format and the same kernels,
+with no calibration to run.
 
-    python scripts/bench_decode.py [--quick] [--json results.json]
+    python scripts/bench_decode.py [--quick] [--tune] [--json results.json] [--budget-s S]
 
 Prints a table per part, then one JSON line with every number.
 """
@@ -20,36 +25,55 @@ import json
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kvexp.bench.perf import copy_bandwidth, measure  # noqa: E402
 from kvexp.config import BenchConfig, ContextConfig  # noqa: E402
-from kvexp.resolve import validate  # noqa: E402
+from kvexp.core.model import CausalLM  # noqa: E402
 from kvexp.engines.torch_engine import TorchEngine  # noqa: E402
 from kvexp.preflight import compose_job  # noqa: E402
+from kvexp.resolve import validate  # noqa: E402
 
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
                 tie_word_embeddings=True, rope_theta=500000.0,
                 rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+QWEN_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                tie_word_embeddings=True, rope_theta=1000000.0)
+SHAPES = {"llama-3.2-1b": LLAMA_1B, "qwen2.5-1.5b": QWEN_15B}
 QUANTS = {"fp16": [], "int8kv": [], "fp8kv": [], "awq": ["quant.weights.algo=rtn"],
           "awq_int8kv": ["quant.weights.algo=rtn"]}
+# (b) at 512 context: name -> (quant preset, overrides, dense kernel, packed kernel); the first is the baseline
+KERNEL_VARIANTS = {
+    "fp16 cublas": ("fp16", [], "cublas", "auto"),
+    "fp16 triton": ("fp16", [], "triton", "auto"),
+    "awq tinygemm": ("awq", ["quant.weights.algo=rtn"], "cublas", "tinygemm"),
+    "awq triton": ("awq", ["quant.weights.algo=rtn"], "triton", "triton"),
+    "awq auto": ("awq", ["quant.weights.algo=rtn"], "auto", "auto"),  # what the engine picks
+    "awq triton, int8 head": ("awq", ["quant.weights.algo=rtn", "quant.weights.lm_head=int8"], "triton", "triton"),
+}
+VARIANTS_QUICK = ("fp16 cublas", "fp16 triton", "awq tinygemm", "awq triton", "awq auto")  # --quick: no head variant
 
 
-def make_checkpoint(out: Path) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_checkpoint(out: Path, shape: dict) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from kvexp.checkpoint import train_tokenizer
 
     if not (out / "config.json").exists():
         torch.manual_seed(0)
+        kwargs = {k: v for k, v in shape.items() if k != "model_type"}
         with torch.device("cuda"):
-            model = LlamaForCausalLM(LlamaConfig(**LLAMA_1B)).to(torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(shape["model_type"], **kwargs),
+                                                     dtype=torch.bfloat16)
         model.save_pretrained(out)
         train_tokenizer(512).save_pretrained(out)
         del model
@@ -84,42 +108,142 @@ def part_a(quick: bool) -> list[dict]:
     return bench_decode_attention(batch_sizes=(1, 8) if quick else (1, 8, 16), lengths=(4096, 32768))
 
 
-def part_b(ckpt: Path, shapes: list[tuple[int, int]], gen: int, iters: int) -> list[dict]:
-    rows = []
-    for quant, extra in QUANTS.items():
-        spec = validate(compose_job([f"model.path={ckpt}", f"quant={quant}", *extra, "model.dtype=bfloat16",
-                                     "engine.device=cuda", "eval.fidelity.enabled=false",
-                                     "context.prompt_len=32768", "context.gen_len=256"]))
-        engine = TorchEngine(spec)
+@contextmanager
+def kernels(dense: str, packed: str):
+    """Engines built inside use these linear kernels (an engine asks CausalLM.prepare_kernels for 'auto')."""
+    original = CausalLM.prepare_kernels
+    CausalLM.prepare_kernels = lambda self: original(self, dense, packed)
+    try:
+        yield
+    finally:
+        CausalLM.prepare_kernels = original
+
+
+def step_bytes(engine, batch: int, context: int) -> float:
+    """Fewest bytes a decode step moves: every weight once, less the embedding table when the head does not
+    share its storage (untied, or a quantized head: only `batch` rows of it are read), plus the KV cache."""
+    model, mem = engine.model, engine.memory()
+    emb = model.model.embed_tokens.weight
+    head = {t.untyped_storage().data_ptr() for t in [*model.lm_head.parameters(), *model.lm_head.buffers()]}
+    shared = emb.untyped_storage().data_ptr() in head
+    return mem.weight_bytes - (0 if shared else emb.numel() * emb.element_size()) + mem.kv_bytes_per_token * batch * context
+
+
+def run_engine(ckpt: Path, name: str, quant: str, extra: list, dense: str, packed: str,
+               shapes: list[tuple[int, int]], gen: int, iters: int, bw: float, profile: bool) -> tuple[list, list]:
+    """One engine, measured at each (context, batch). Returns (rows, profile rows of batch 1 if asked)."""
+    spec = validate(compose_job([f"model.path={ckpt}", f"quant={quant}", *extra, "model.dtype=bfloat16",
+                                 "engine.device=cuda", "eval.fidelity.enabled=false",
+                                 f"context.prompt_len={max(c for c, _ in shapes)}", f"context.gen_len={gen}"]))
+    engine = TorchEngine(spec)
+    with kernels(dense, packed):
         build = engine.build()
-        for ctx, batch in shapes:
-            cfg = dataclasses.replace(spec.cfg, context=ContextConfig(name=str(ctx), prompt_len=ctx, gen_len=gen),
-                                      bench=BenchConfig(batch_size=batch, warmup=1, iters=iters))
-            start = time.perf_counter()
-            m = measure(engine, dataclasses.replace(spec, cfg=cfg))
-            rows.append({"quant": quant, "ctx": ctx, "batch": batch, "tok_s": m["perf.decode_tok_s"],
-                         "tpot_ms": m["perf.tpot_ms"], "ttft_ms": m["perf.ttft_ms"],
-                         "roofline": m["perf.roofline_frac"], "step_GB": m["perf.step_bytes"] / 1e9,
-                         "weights_GB": m["mem.weight_bytes"] / 1e9, "kv_B_tok": m["mem.kv_bytes_per_token"],
-                         "peak_GB": m["mem.peak_bytes"] / 1e9, "build_s": build.build_s,
-                         "wall_s": time.perf_counter() - start})
-            print(table(rows[-1:], list(rows[-1])), flush=True)
-        engine.close()
-        del engine
+    rows, prof = [], []
+    for ctx, batch in shapes:
+        cfg = dataclasses.replace(spec.cfg, context=ContextConfig(name=str(ctx), prompt_len=ctx, gen_len=gen),
+                                  bench=BenchConfig(batch_size=batch, warmup=1, iters=iters))
+        m = measure(engine, dataclasses.replace(spec, cfg=cfg))
+        nbytes = step_bytes(engine, batch, ctx + gen // 2)
+        rows.append({"variant": name, "ctx": ctx, "batch": batch, "tok_s": m["perf.decode_tok_s"],
+                     "tpot_ms": m["perf.tpot_ms"], "ttft_ms": m["perf.ttft_ms"],
+                     "roofline": nbytes / bw / (m["perf.tpot_ms"] / 1e3), "step_GB": nbytes / 1e9,
+                     "weights_GB": m["mem.weight_bytes"] / 1e9, "kv_B_tok": m["mem.kv_bytes_per_token"],
+                     "peak_GB": m["mem.peak_bytes"] / 1e9, "build_s": build.build_s,
+                     "kernels": {k: v for k, v in build.metrics.items() if k.startswith("kernels.")}})
+        print(table(rows[-1:], [c for c in rows[-1] if c != "kernels"]), flush=True)
+        if profile and batch == 1:
+            try:
+                prof = profile_step(engine, ctx, gen)
+            except Exception as e:  # a profiler failure costs the profile, not the run
+                print(f"[profile] {name}: {type(e).__name__}: {e}", flush=True)
+    engine.close()
+    return rows, prof
+
+
+def profile_step(engine, ctx: int, gen: int, steps: int = 4) -> list[dict]:
+    """Kernel by kernel, one decode step at batch 1 (torch.profiler over eager steps of the captured code:
+    the same kernels; the graph only removes the launch gaps). Also the sum, to set against the TPOT."""
+    loop = engine._decode_loop(1, ctx + gen)
+    with torch.inference_mode():  # the loop's buffers are inference tensors
+        loop.pos.fill_(ctx)
+        loop._step()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                loop._step()
+            torch.cuda.synchronize()
+    kernels_ = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows = sorted(({"kernel": e.key[:70], "calls": e.count / steps, "us": e.device_time_total / steps}
+                   for e in kernels_), key=lambda r: -r["us"])
+    total = sum(r["us"] for r in rows)
+    return [dict(r, share=r["us"] / total) for r in rows] + [{"kernel": "TOTAL", "calls": sum(r["calls"] for r in rows),
+                                                              "us": total, "share": 1.0}]
+
+
+def ceilings(c: dict, ctx: int, group: int = 128) -> list[dict]:
+    """Bytes per decode step at batch 1 and the speed-up over fp16 they allow, per output-head choice (AWQ
+    int4 layers; the embedding table is read only as the head, and only when tied to it)."""
+    from bench_linears import linear_shapes
+
+    layers = {n: s for n, s in linear_shapes(c).items() if n != "head"}
+    params = c["num_hidden_layers"] * sum(rows * k for rows, k, _ in layers.values())
+    head = c["vocab_size"] * c["hidden_size"]
+    d = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    kv = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * d * 2 * ctx
+    int_bytes = lambda n, bits: n * bits / 8 + n / group * 2  # codes + bf16 group scales
+    fp16 = 2 * params + 2 * head + kv
+    rows = [{"weights": "fp16", "lm_head": "bf16", "step_GB": fp16 / 1e9, "ceiling_vs_fp16": 1.0}]
+    for name, hb in (("bf16", 2 * head), ("int8", int_bytes(head, 8)), ("int4", int_bytes(head, 4))):
+        b = int_bytes(params, 4) + hb + kv
+        rows.append({"weights": "awq int4", "lm_head": name, "step_GB": b / 1e9, "ceiling_vs_fp16": fp16 / b})
     return rows
 
 
-def hf_baseline(ckpt: Path, ctx: int, gen: int) -> list[dict]:
-    """transformers generate, bf16, batch 1: eager (dynamic cache) and its best path (static cache + compile)."""
+def part_b(ckpt: Path, shapes: list[tuple[int, int]], gen: int, iters: int, bw: float) -> list[dict]:
+    """Each quant preset with the kernels kvexp picks ('auto'), at the given (context, batch) shapes."""
+    rows = []
+    for quant, extra in QUANTS.items():
+        rows += run_engine(ckpt, quant, quant, extra, "auto", "auto", shapes, gen, iters, bw, False)[0]
+    return rows
+
+
+def part_kernels(ckpt: Path, gen: int, iters: int, bw: float, profile: list[str], names) -> tuple[list, dict]:
+    """The named KERNEL_VARIANTS at 512 context, batch 1 and 8; tok/s relative to the first (fp16 cuBLAS)."""
+    rows, profiles = [], {}
+    for name in names:
+        quant, extra, dense, packed = KERNEL_VARIANTS[name]
+        try:
+            r, p = run_engine(ckpt, name, quant, extra, dense, packed, [(512, 1), (512, 8)], gen, iters, bw,
+                              name in profile)
+        except Exception as e:  # one broken variant is a missing row, not a lost run
+            print(f"[variant] {name}: {type(e).__name__}: {e}", flush=True)
+            torch.cuda.empty_cache()
+            continue
+        rows += r
+        if p:
+            profiles[name] = p
+    base = {r["batch"]: r for r in rows if r["variant"] == next(iter(KERNEL_VARIANTS))} or \
+        {r["batch"]: r for r in rows if r["variant"].startswith("fp16")}
+    fp16 = {r["batch"]: r for r in rows if r["variant"] == "fp16 triton"}
+    for r in rows:
+        r["vs_fp16_cublas"] = r["tok_s"] / base[r["batch"]]["tok_s"]
+        r["ttft_vs_fp16"] = r["ttft_ms"] / base[r["batch"]]["ttft_ms"]
+        if r["batch"] in fp16:
+            r["vs_fp16_triton"] = r["tok_s"] / fp16[r["batch"]]["tok_s"]
+    return rows, profiles
+
+
+def hf_baseline(ckpt: Path, ctx: int, gen: int, eager: bool) -> list[dict]:
+    """transformers generate, bf16, batch 1: its best path (static cache + compile) and, if asked, eager."""
     from transformers import AutoModelForCausalLM, CompileConfig
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     model.generation_config.eos_token_id = None
     prompt = torch.randint(0, 512, (1, ctx), device="cuda")
+    modes = {"hf static+compile": {"cache_implementation": "static",
+                                   "compile_config": CompileConfig(fullgraph=True, mode="reduce-overhead")}}
     rows = []
-    for name, kwargs in (("hf eager", {}),
-                         ("hf static+compile", {"cache_implementation": "static",
-                                                "compile_config": CompileConfig(fullgraph=True, mode="reduce-overhead")})):
+    for name, kwargs in modes | ({"hf eager": {}} if eager else {}):
         def timed(n: int) -> float:
             torch.cuda.synchronize()
             t = time.perf_counter()
@@ -138,29 +262,93 @@ def hf_baseline(ckpt: Path, ctx: int, gen: int) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
-    ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "hf"])
-    ap.add_argument("--tune", action="store_true", help="first sweep the attention kernel's launch configs")
+    ap.add_argument("--json", type=Path, help="also write the results here (rewritten after every part)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "k", "kernels", "b", "hf", "p"])
+    ap.add_argument("--models", nargs="*", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--tune", action="store_true", help="first sweep the attention and linear kernels' configs")
+    ap.add_argument("--budget-s", type=float, help="skip the parts that would start after this many seconds")
     args = ap.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "copy_bw_GBs": copy_bandwidth("cuda") / 1e9, "date": time.strftime("%Y-%m-%d")}
+    start = time.perf_counter()
+    bw = copy_bandwidth("cuda")
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw_GBs": bw / 1e9,
+               "date": time.strftime("%Y-%m-%d"), "skipped": []}
     print(f"{results['device']}  copy bandwidth {results['copy_bw_GBs']:.0f} GB/s (read + write)")
-    if args.tune:
+    gen, iters = (64, 2) if args.quick else (128, 3)
+
+    def go(part: str) -> bool:
+        """Run this part unless skipped or past the budget; partial results are saved before each part."""
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        late = args.budget_s is not None and time.perf_counter() - start > args.budget_s
+        if late:
+            results["skipped"].append(part)
+            print(f"[budget] skipping {part}", flush=True)
+        return part.split(":")[0] not in args.skip and not late
+
+    if args.tune and go("a"):
         results["tuning"], results["tuned_configs"] = tune()
         print("tuned kernel configs:", json.dumps(results["tuned_configs"]), flush=True)
-    if "a" not in args.skip:
+    if go("a"):
         results["attention"] = part_a(args.quick)
         print("\n(a) decode attention\n" + table(results["attention"], list(results["attention"][0])))
-    ckpt = make_checkpoint(Path(tempfile.gettempdir()) / "kvexp-llama-1b-shape")
-    if "hf" not in args.skip:
-        results["hf"] = hf_baseline(ckpt, 512, 128)
-    if "b" not in args.skip:
-        shapes = [(512, 1), (512, 8), (32768, 1), (32768, 8)]
-        results["e2e"] = part_b(ckpt, shapes, gen=64 if args.quick else 128, iters=2 if args.quick else 3)
-        print("\n(b, c) end-to-end decode\n" + table(results["e2e"], list(results["e2e"][0])))
+    if go("k"):
+        from bench_linears import SWEEP, best_of, bench_shapes, install_best
+        from kvexp.core.kernels.wq_matmul import DEFAULT_CONFIG
+
+        sweep = SWEEP if args.tune else [DEFAULT_CONFIG]
+        results["linears"] = bench_shapes({m: SHAPES[m] for m in args.models}, sweep=sweep)
+        if args.tune:
+            results["linear_configs"] = install_best(results["linears"])
+        print("\n(k) linears, fastest config per variant\n" + table(
+            best_of(results["linears"]), ["model", "layer", "m", "variant", "time_us", "GBps", "rel_err", "config"]))
+    for model in args.models:
+        ckpt = make_checkpoint(Path(tempfile.gettempdir()) / f"kvexp-{model}-shape", SHAPES[model])
+        results.setdefault("ceilings", {})[model] = ceilings(SHAPES[model], 512 + gen // 2)
+        print(f"\n(c) {model}: bytes per step at 512 context, batch 1\n" + table(results["ceilings"][model],
+                                                                                list(results["ceilings"][model][0])))
+        if go(f"kernels:{model}"):
+            profile = [] if "p" in args.skip else ["fp16 triton", "awq triton"]
+            rows, profiles = part_kernels(ckpt, gen, iters, bw, profile, VARIANTS_QUICK if args.quick else KERNEL_VARIANTS)
+            results.setdefault("kernels", {})[model], results.setdefault("profile", {})[model] = rows, profiles
+            print(f"\n(b) {model}: kernels side by side, 512 context\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
+            for name, prof in profiles.items():
+                print(f"\n(p) {model}, {name}: one decode step, batch 1\n" + table(prof[:25] + prof[-1:], list(prof[0])))
+        if not args.quick and model == "llama-3.2-1b" and go(f"b:{model}"):
+            results["e2e"] = part_b(ckpt, [(32768, 1), (32768, 8)], gen, iters, bw)
+            print("\n(b, c) end-to-end decode, 32k\n" + table(results["e2e"], [c for c in results["e2e"][0] if c != "kernels"]))
+    for model in args.models:
+        if go(f"hf:{model}"):
+            ckpt = Path(tempfile.gettempdir()) / f"kvexp-{model}-shape"
+            try:
+                results.setdefault("hf", {})[model] = hf_baseline(ckpt, 512, gen, eager=not args.quick)
+            except Exception as e:
+                print(f"[hf] {model}: {type(e).__name__}: {e}"[:300], flush=True)
+    try:
+        results["targets"] = targets(results)
+    except ValueError as e:  # a variant family with no rows
+        results["targets"] = [{"note": f"incomplete: {e}"}]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(json.dumps(results))
+    print("\ntargets (issue 14), H200, this run\n" + table(results["targets"], list(results["targets"][0])))
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets against this run: the better fp16 variant is the baseline of every ratio."""
+    out = []
+    for model, rows in results.get("kernels", {}).items():
+        for batch in (1, 8):
+            at = [r for r in rows if r["batch"] == batch]
+            fp16 = max((r for r in at if r["variant"].startswith("fp16")), key=lambda r: r["tok_s"])
+            awq = max((r for r in at if r["variant"].startswith("awq") and "head" not in r["variant"]),
+                      key=lambda r: r["tok_s"])
+            hf = results.get("hf", {}).get(model, [{}])[0].get("tok_s", float("nan")) if batch == 1 else float("nan")
+            out.append({"model": model, "batch": batch, "fp16": fp16["variant"], "fp16_tok_s": fp16["tok_s"],
+                        "fp16_roofline": fp16["roofline"], "goal": 0.70 if batch == 1 else 0.65,
+                        "awq": awq["variant"], "awq_tok_s": awq["tok_s"], "awq_vs_fp16": awq["tok_s"] / fp16["tok_s"],
+                        "awq_goal": 2.0 if batch == 1 else 1.6, "awq_ttft_vs_fp16": awq["ttft_ms"] / fp16["ttft_ms"],
+                        "hf_best_tok_s": hf})
+    return out or [{"note": "no end-to-end rows in this run"}]
 
 
 if __name__ == "__main__":

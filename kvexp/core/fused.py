@@ -64,7 +64,7 @@ def compiled() -> SimpleNamespace:
 def concat_linears(layers: list[torch.nn.Module]):
     """One layer computing the given layers' outputs side by side, or None when they cannot be merged
     (AWQ layers with different input scales)."""
-    from kvexp.core.int4 import Int4Linear
+    from kvexp.core.int4 import PackedLinear
 
     if all(type(m) is torch.nn.Linear for m in layers):
         biases = [m.bias for m in layers]
@@ -76,6 +76,6 @@ def concat_linears(layers: list[torch.nn.Module]):
             if merged.bias is not None:
                 merged.bias.copy_(torch.cat(biases))
         return merged
-    if all(isinstance(m, Int4Linear) for m in layers):
-        return Int4Linear.concat(layers)
+    if all(isinstance(m, PackedLinear) for m in layers):
+        return type(layers[0]).concat(layers)
     return None

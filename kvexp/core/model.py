@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvexp.core import fused
+from kvexp.core.int4 import DenseLinear, PackedLinear
 from kvexp.errors import UnsupportedConfig
 
 
@@ -79,6 +80,13 @@ def rope_inv_freq(c: dict, head_dim: int) -> list[float]:
         raise UnsupportedConfig(f"model.path: RoPE type {rope_type} is not supported by engine=torch "
                                 "(default, linear and llama3 are)")
     return inv.tolist()
+
+
+def _triton_wins(name: str, linear: nn.Linear) -> bool:
+    """Where the Triton GEMV beat cuBLAS at batch 1 and 8 on the H200 (2026-12-02, scripts/bench_linears.py):
+    the gate|up matrix (its silu * up epilogue saves a kernel), and matrices over 16 MB (down, the head);
+    cuBLAS kept q|k|v and o of Llama-3.2-1B by 0.4-1.3 us and tied on Qwen2.5-1.5B's."""
+    return name == "gate_up" or linear.weight.numel() * linear.weight.element_size() > 16e6
 
 
 class RMSNorm(nn.Module):
@@ -157,8 +165,10 @@ class MLP(nn.Module):
         self.gate_up: Optional[nn.Module] = None  # gate|up in one matrix, after fuse_projections()
 
     def forward(self, x, ops):
-        gate_up = self.gate_up(x) if self.gate_up is not None else torch.cat((self.gate_proj(x), self.up_proj(x)), -1)
-        return self.down_proj(ops.silu_mul(gate_up))
+        if self.gate_up is None:
+            return self.down_proj(ops.silu_mul(torch.cat((self.gate_proj(x), self.up_proj(x)), -1)))
+        h = self.gate_up.silu_mul(x) if isinstance(self.gate_up, PackedLinear) else None  # fused epilogue
+        return self.down_proj(ops.silu_mul(self.gate_up(x)) if h is None else h)
 
 
 class DecoderLayer(nn.Module):
@@ -210,6 +220,25 @@ class CausalLM(nn.Module):
             mlp.gate_up = fused.concat_linears([mlp.gate_proj, mlp.up_proj])
             if mlp.gate_up is not None:
                 del mlp.gate_proj, mlp.up_proj
+
+    def prepare_kernels(self, dense: str = "auto", packed: str = "auto") -> dict[str, int]:
+        """Choose the linears' kernels for this device (after fuse_projections): packed layers get `packed`
+        (int4.KERNELS); dense projections and the head run the Triton GEMV for decode rows when dense is
+        'triton' ('auto': on CUDA sm80+), else stay nn.Linear (cuBLAS). Returns {'int4.triton': layers, ...}."""
+        count: dict[str, int] = {}
+        device = self.model.embed_tokens.weight.device
+        if dense == "auto":
+            dense = "triton" if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8 \
+                else "cublas"
+        for parent in [self] + [m for layer in self.model.layers for m in (layer.self_attn, layer.mlp)]:
+            for name, child in list(parent.named_children()):
+                if dense == "triton" and type(child) is nn.Linear and _triton_wins(name, child):
+                    child = DenseLinear.from_linear(child)
+                    setattr(parent, name, child)
+                if isinstance(child, PackedLinear):
+                    key = f"{'dense' if child.bits == 16 else f'int{child.bits}'}.{child.prepare(packed)}"
+                    count[key] = count.get(key, 0) + 1
+        return count
 
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor, cache=None, mode: str = "none") -> torch.Tensor:
         """tokens [B, n] at positions pos[b] + j -> final hidden states [B, n, hidden] (apply lm_head to the

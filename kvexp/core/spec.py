@@ -24,6 +24,11 @@ class WeightFormat:
     dtype: str  # "auto" (the model dtype) | "int4" | "fp8"
     algo: str  # "none" | "awq" | "rtn"
     group_size: int
+    lm_head: str = "bf16"  # the output head: "bf16" (the model dtype) | "int8" | "int4"
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype != "auto" or self.lm_head != "bf16"
 
 
 @dataclass(frozen=True)
@@ -77,5 +82,5 @@ class BuildSpec:
 
     def unquantized(self, attention: str) -> "BuildSpec":
         """The same build with unquantized weights and KV cache (the fidelity reference's), served by attention."""
-        return dataclasses.replace(self, weights=WeightFormat("auto", "none", self.weights.group_size),
+        return dataclasses.replace(self, weights=WeightFormat("auto", "none", self.weights.group_size, "bf16"),
                                    kv=KVFormatSpec("auto", "dynamic", "token"), attention=attention, calib=None)

@@ -39,7 +39,7 @@ def fidelity_requests(tokenizer, spec: RunSpec) -> list[tuple[list[int], list[in
 
 
 def is_reference(spec: RunSpec) -> bool:
-    return spec.build.weights.dtype == "auto" and not spec.build.kv.quantized
+    return not spec.build.weights.quantized and not spec.build.kv.quantized
 
 
 def _reference_path(spec: RunSpec) -> Path:

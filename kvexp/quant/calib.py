@@ -51,9 +51,10 @@ def _hub_texts(name: str, n: int) -> list[str]:
     return [t for t in ds[field] if t and t.strip()]
 
 
-def calibration_batches(tokenizer, calib: CalibConfig) -> list[torch.Tensor]:
-    """num_samples windows of seq_len tokens, [1, seq_len] each, cut from the concatenated texts
-    (repeated if the source is short, so small offline sources still give full windows)."""
+def calibration_batches(tokenizer, calib: CalibConfig, batch_size: int = 1) -> list[torch.Tensor]:
+    """num_samples windows of seq_len tokens cut from the concatenated texts (repeated if the source is
+    short, so small offline sources still give full windows), packed batch_size to a tensor: a list of
+    [<= batch_size, seq_len] (every window is full, so no padding or masks)."""
     ids: list[int] = []
     for text in calibration_texts(calib):
         ids.extend(tokenizer.encode(text + "\n", add_special_tokens=False))
@@ -61,4 +62,11 @@ def calibration_batches(tokenizer, calib: CalibConfig) -> list[torch.Tensor]:
         raise ConfigError(f"quant.calib.dataset={calib.dataset}: no text in it")
     need = calib.num_samples * calib.seq_len
     ids = (ids * (need // len(ids) + 1))[:need]
-    return list(torch.tensor(ids).view(calib.num_samples, 1, calib.seq_len))
+    return list(torch.tensor(ids).view(calib.num_samples, calib.seq_len).split(batch_size))
+
+
+def rows_that_fit(device: torch.device, seq_len: int, bytes_per_token: int, cap: int = 32) -> int:
+    """Calibration windows per forward: a quarter of the device's free memory (2 GiB on a CPU) over the
+    activations one window keeps alive, at most cap (beyond that a forward is long enough to hide launches)."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 2 << 30
+    return max(1, min(cap, free // 4 // (seq_len * bytes_per_token)))

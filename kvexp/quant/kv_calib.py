@@ -20,9 +20,14 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def kv_amax(model, batches: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the calibration windows through the model; returns (k_amax, v_amax), each [layers, kv_heads]."""
+    """Run the calibration windows ([b, seq_len] each) through the model, as many per forward as fit the
+    device; returns (k_amax, v_amax), each [layers, kv_heads]."""
+    from kvexp.quant.calib import rows_that_fit
+
     a = model.arch
     amax = torch.zeros(2, a.num_layers, a.num_kv_heads, device=device)
+    windows = torch.cat(batches)
+    rows = rows_that_fit(device, windows.shape[1], 16 * (a.hidden_size + a.intermediate_size))
 
     def observe(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:  # k, v: [B, Hkv, n, D]
         for i, x in enumerate((k, v)):
@@ -30,9 +35,11 @@ def kv_amax(model, batches: list[torch.Tensor], device: torch.device) -> tuple[t
 
     model.observer = observe
     try:
-        for b in tqdm(batches, desc="KV scale calibration", unit="batch", leave=False):
-            b = b.to(device)
-            model(b, torch.zeros(b.shape[0], dtype=torch.long, device=device))
+        with tqdm(total=len(windows), desc="KV scale calibration", unit="sample") as bar:
+            for b in windows.split(rows):
+                b = b.to(device)
+                model(b, torch.zeros(b.shape[0], dtype=torch.long, device=device))
+                bar.update(b.shape[0])
     finally:
         model.observer = None
     return amax[0], amax[1]

@@ -35,7 +35,8 @@ def artifact_key(spec: RunSpec, *parts: str) -> dict:
 def int4_weights(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> tuple[Path, float]:
     """Packed int4 weights for the run's quant.weights (cached). Returns (safetensors path, seconds spent)."""
     w = spec.build.weights
-    key = artifact_key(spec, "weights", *(("calib", "versions") if w.algo == "awq" else ()))
+    key = artifact_key(spec, *(("calib", "versions") if w.algo == "awq" else ()))
+    key["weights"] = (w.dtype, w.algo, w.group_size)  # not lm_head: the head is quantized at load, not here
     dest = artifacts.path(spec.cache_dir, f"quant/int4-{w.algo}", key, ".safetensors")
     start = time.perf_counter()
 
@@ -68,7 +69,7 @@ def _awq(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dic
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM
 
-    from kvexp.quant.calib import calibration_batches
+    from kvexp.quant.calib import calibration_batches, rows_that_fit
 
     group = spec.cfg.quant.weights.group_size
     cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)  # a private copy: ModelOpt's dicts are module globals
@@ -77,14 +78,23 @@ def _awq(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dic
             entry["cfg"]["block_sizes"][-1] = group
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    batches = calibration_batches(tokenizer, spec.cfg.quant.calib)
-    log.info("AWQ calibration (ModelOpt INT4_AWQ_CFG, group %d) on %d x %d tokens", group, len(batches),
-             batches[0].shape[1])
+    c = model.config
+    # fp32 copies of a linear's input and output per AWQ scale candidate are the largest activations
+    rows = rows_that_fit(device, spec.cfg.quant.calib.seq_len, 4 * (8 * c.hidden_size + 12 * c.intermediate_size))
+    batches = calibration_batches(tokenizer, spec.cfg.quant.calib, batch_size=rows)
+    samples = sum(len(b) for b in batches)
+    log.info("AWQ calibration (ModelOpt INT4_AWQ_CFG, group %d) on %d x %d tokens, %d per forward", group,
+             samples, batches[0].shape[1], rows)
+    passes = iter(("1/2 activation statistics", "2/2 scale search"))
 
-    def forward_loop(m):  # ModelOpt calls it once per AWQ pass (statistics, then the scale search)
-        with torch.no_grad():
-            for b in tqdm(batches, desc="AWQ calibration", unit="batch", leave=False):
-                m(b.to(device))
+    def forward_loop(m):  # ModelOpt calls it once per AWQ pass: statistics, then the scale search
+        # the backbone alone: AWQ looks at the quantized linears' inputs, and the head (not quantized) would
+        # only add [rows, seq_len, vocab] logits
+        backbone = getattr(m, "base_model", m)
+        with torch.no_grad(), tqdm(total=samples, desc=f"AWQ {next(passes, 'extra pass')}", unit="sample") as bar:
+            for b in batches:
+                backbone(b.to(device))
+                bar.update(len(b))
 
     mtq.quantize(model, cfg, forward_loop)
     state = export_int4(model, group)

@@ -13,7 +13,6 @@ from kvexp.checkpoint import check_context, read_model_config, resolve_model
 from kvexp.core import fused, memory
 from kvexp.core.decode import DecodeLoop
 from kvexp.core.engine import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
-from kvexp.core.int4 import Int4Linear
 from kvexp.core.kv import FORMATS, KVCache, QuantizedKVCache
 from kvexp.core.model import ArchConfig, CausalLM, load_state
 from kvexp.errors import ConfigError, UnsupportedConfig
@@ -90,14 +89,17 @@ class TorchEngine(Engine):
         self.model.fuse_projections()
         if self.device.type == "cuda":
             self.model.ops = fused.compiled()
-            metrics["quant.int4_fast_layers"] = sum(m.prepare_tinygemm() for m in self.model.modules()
-                                                    if isinstance(m, Int4Linear))
+            kernels = self.model.prepare_kernels()
+            metrics |= {f"kernels.{k}": n for k, n in kernels.items()}
+            metrics["quant.int4_fast_layers"] = kernels.get("int4.triton", 0) + kernels.get("int4.tinygemm", 0)
         self.kv_scales = None
         kv = self.spec.cfg.quant.kv_cache
         if kv.dtype != "auto" and kv.scale == "static":
             from kvexp.quant.kv_calib import static_kv_scales
 
+            t0 = time.perf_counter()
             self.kv_scales = static_kv_scales(self.spec, self.model, self._tokenizer, self.device)
+            metrics["quant.kv_calib_s"] = time.perf_counter() - t0  # ~0 when the scales come from the cache
         self.model.decode_attn = self._decode_attention()
         self._loop: DecodeLoop | None = None
         if self.device.type == "cuda":
@@ -105,14 +107,19 @@ class TorchEngine(Engine):
         return BuildInfo(build_s=time.perf_counter() - start, metrics=metrics)
 
     def _quantize_weights(self) -> dict:
-        w = self.spec.cfg.quant.weights
+        w, metrics = self.spec.cfg.quant.weights, {}
+        if w.lm_head != "bf16":  # round-to-nearest copy; a tied embedding stays dense for the lookup
+            from kvexp.core.int4 import quantize_linear
+
+            self.model.lm_head = quantize_linear(self.model.lm_head, int(w.lm_head[3:]), w.group_size)
+            metrics["quant.lm_head_bits"] = self.model.lm_head.bits
         if w.dtype != "int4":
-            return {}
+            return metrics
         from kvexp.quant.weights import int4_weights, swap_int4
 
         path, seconds = int4_weights(self.spec, self.model_dir, self._tokenizer, self.device)
         swapped = swap_int4(self.model, path, w.group_size, self.dtype, self.device)
-        return {"quant.calib_s": seconds, "quant.int4_layers": swapped}
+        return metrics | {"quant.calib_s": seconds, "quant.int4_layers": swapped}
 
     def _decode_attention(self):
         """The fused Triton kernel where the BuildSpec chose it; None = the PyTorch reference path."""

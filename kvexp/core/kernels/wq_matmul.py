@@ -1,0 +1,279 @@
+"""Weight-only quantized matmul (W4A16 / W8A16) for the decode step, and the dequantize kernel for prefill.
+
+Formats (kvexp.core.int4's, engine-neutral), per output row n and group g of `group` input columns:
+  bits 4: qweight [N, K/2] uint8, q + 8 in a nibble, column 2i low, 2i+1 high; q in [-8, 7]
+  bits 8: qweight [N, K] int8, q in [-127, 127]
+  w[n, k] = q[n, k] * scales[n, k // group]  (scales [N, K/group] in the model dtype)
+
+`wq_matmul` computes y [M, N] = (x * pre_scale) @ w^T + bias for a few rows (M <= 16: the decode batch).
+At batch 1 a ~1B model's step must stream every weight byte once at the memory bandwidth, so the kernel
+keeps the weights packed all the way into registers: each program owns BLOCK_N output columns and a slice of
+K (split-K, so that even the 2048-wide projections give a few programs per SM), dots one group at a time
+with the integer weights (exact in bf16/fp16) and applies the group's scale to the [M, BLOCK_N] partial.
+Split-K programs write fp32 partials; the last one to finish a column tile (a counter per tile, reset by
+that program) sums them and writes the output, so one launch does the whole layer: no memset, no second
+reduction kernel (the stream-K fix-up of Osama et al., 2023).
+
+`dequantize` writes the dense weight [N, K] in the model dtype, one pass at ~2.5 bytes per weight, for
+prefill, where a dense GEMM on many rows beats any GEMV. The *_ref functions are the same math in
+PyTorch, the CPU path and what the tests hold the kernels to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kvexp.core.kernels import require_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: keep this module importable, calls fail with how to install
+    from kvexp.core.kernels import _MissingTriton as triton, _MissingTriton as tl
+
+GEMV_ROWS = 16  # the kernel pads the rows to one 16-row tensor-core tile; more rows run dequantize + GEMM
+BITS_QMAX = {4: 7, 8: 127}  # symmetric integer grid per width
+
+
+def unpack_ref(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Stored qweight -> integer q [N, K] int8."""
+    if bits == 8:
+        return qweight.view(torch.int8)
+    lo, hi = (qweight & 0xF).to(torch.int8) - 8, (qweight >> 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), -1).flatten(-2)
+
+
+def dequantize_ref(qweight: torch.Tensor, scales: torch.Tensor, group: int, bits: int,
+                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dense w [N, K] = q * scale, computed in float32 and rounded once to dtype (default float32)."""
+    q = unpack_ref(qweight, bits).float()
+    N, K = q.shape
+    w = (q.reshape(N, K // group, group) * scales.float()[..., None]).reshape(N, K)
+    return w if dtype is None else w.to(dtype)
+
+
+def wq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int, bits: int,
+                  pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] -> (x * pre_scale) @ w^T + bias [M, N] in x's dtype, through the dense weight."""
+    if pre_scale is not None:
+        x = x * pre_scale
+    return torch.nn.functional.linear(x, dequantize_ref(qweight, scales, group, bits, x.dtype), bias)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_n: int = 32
+    split_k: int = 0  # 0: enough splits for ~`waves` programs per SM
+    num_warps: int = 4
+    num_stages: int = 4
+    waves: int = 4
+
+
+DEFAULT_CONFIG = MatmulConfig(block_n=32, waves=2)
+HEAD_CONFIG = MatmulConfig(block_n=64, waves=4)  # vocab-sized outputs: already thousands of programs
+# (weight rows, K, bits, row bucket) -> the measured best config (scripts/bench_decode.py --tune fills it in)
+CONFIGS: dict[tuple[int, int, int, int], MatmulConfig] = {}
+
+
+def row_bucket(m: int) -> int:
+    return 1 if m == 1 else 8 if m <= 8 else GEMV_ROWS
+
+
+def config_for(m: int, rows: int, k: int, bits: int) -> MatmulConfig:
+    """A tuned entry, else the defaults that won the H200 sweep (2026-12-02, bench_linears.py: (32, 2) on every
+    projection of Llama-3.2-1B and Qwen2.5-1.5B in bf16, (64, 4) on their heads in bf16 and int8)."""
+    default = HEAD_CONFIG if rows >= 32768 else DEFAULT_CONFIG
+    return CONFIGS.get((rows, k, bits, row_bucket(m)), default)
+
+
+def dense_tile(k: int) -> int:
+    """The K tile of the dense (bits 16) kernel: the largest of 128, 64, 32 dividing K."""
+    return next((t for t in (128, 64, 32) if k % t == 0), 0)
+
+
+def split_for(cfg: MatmulConfig, n_tiles: int, n_groups: int, sms: int) -> int:
+    """Splits of K: enough programs to keep ~cfg.waves per SM in flight, at least one group each."""
+    if cfg.split_k:
+        return max(1, min(cfg.split_k, n_groups))
+    return max(1, min(n_groups, (cfg.waves * sms) // max(n_tiles, 1)))
+
+
+@triton.jit
+def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
+               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 = x[:, group g] @ q[rows offs_n, group g]^T (integer weights, no scale yet)."""
+    dtype = x_ptr.dtype.element_ty
+    if BITS == 4:
+        # one 16-byte-vectorised load of the packed bytes and one of x; the nibbles are interleaved back in
+        # registers (join puts the pair in one thread). Loading x at stride 2 for the even and odd columns
+        # instead cost a scalar load per element: 3-4x slower than int8 on the H200 (2026-12-02).
+        j = tl.arange(0, GROUP // 2)
+        wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + (g * (GROUP // 2) + j)[None, :],
+                     mask=mask_n[:, None], other=0).to(tl.int32)
+        w = tl.reshape(tl.join(((wb & 15) - 8).to(dtype), ((wb >> 4) - 8).to(dtype)), (wb.shape[0], GROUP))
+        k = g * GROUP + tl.arange(0, GROUP)
+        xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
+        if HAS_PRE:  # rounded to the model dtype before the dot, as (x * pre_scale) is in PyTorch
+            xa = (xa.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
+        return tl.dot(xa, tl.trans(w))
+    else:  # int8 codes, or (BITS 16) the dense weight itself, one K tile of GROUP columns
+        k = g * GROUP + tl.arange(0, GROUP)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0).to(dtype)
+        xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
+        if HAS_PRE:
+            xa = (xa.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
+        return tl.dot(xa, tl.trans(w))
+
+
+@triton.jit
+def _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
+                stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr):
+    part = _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
+                      GROUP, BITS, HAS_PRE)
+    if BITS == 16:
+        return acc + part
+    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+    return acc + part * s[None, :]
+
+
+@triton.jit
+def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, bias_ptr, part_ptr, lock_ptr, out_ptr,
+                      M, N, n_groups, stride_xm, stride_wn, stride_sn, stride_om,
+                      SPLIT_K, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, HAS_PRE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+    """GATED: the weight is [gate; up] (2N rows) and the output silu(gate) * up [M, N], the MLP's epilogue."""
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    per_split = tl.cdiv(n_groups, SPLIT_K)
+    g_end = tl.minimum(n_groups, (pid_k + 1) * per_split)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for g in range(pid_k * per_split, g_end):
+        acc = _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm,
+                          stride_wn, stride_sn, GROUP, BITS, HAS_PRE)
+        if GATED:
+            acc_up = _accumulate(acc_up, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n + N, mask_m, mask_n, g,
+                                 stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om, HAS_BIAS, GATED)
+    else:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        width = 2 * N if GATED else N  # partials [SPLIT_K, M, width] fp32
+        part_offs = offs_m[:, None] * width + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * width + part_offs, acc, mask=mask)
+        if GATED:
+            tl.store(part_ptr + pid_k * M * width + part_offs + N, acc_up, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the counter says so (release below)
+        if tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(SPLIT_K):  # .cg: the other programs' partials are in L2, never in this SM's L1
+                acc += tl.load(part_ptr + k * M * width + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(part_ptr + k * M * width + part_offs + N, mask=mask, other=0.0,
+                                      cache_modifier=".cg")
+            tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch (and the next graph replay)
+            _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om, HAS_BIAS, GATED)
+
+
+@triton.jit
+def _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om,
+            HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc_up += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_up
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # outgrown counter buffers: CUDA graphs captured with them still point there
+
+
+def _locks(device: torch.device, n: int) -> torch.Tensor:
+    """Per-device split-K counters, all zero between launches (each kernel resets the ones it used).
+    Layers run one after another on one stream, so they share them."""
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < n:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _LOCKS[device] = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+    return buf
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Tensor], group: int, bits: int,
+              pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, gated: bool = False,
+              config: Optional[MatmulConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] fp16/bf16 (M <= GEMV_ROWS for speed; any M is correct) -> [M, N] in x's dtype (into out).
+    bits 16: qweight is the dense weight [N, K] (scales None; group = the K tile). gated: qweight holds
+    [gate; up] (2N rows) and the result is silu(gate) * up [M, N]."""
+    require_triton(triton, x, _wq_matmul_kernel)
+    x = x.contiguous()
+    M, K = x.shape
+    rows = qweight.shape[0]
+    N = rows // 2 if gated else rows
+    if K % group or group % 32 or qweight.shape[1] != (K // 2 if bits == 4 else K):
+        raise ValueError(f"wq_matmul: K={K}, group={group}, qweight {tuple(qweight.shape)} do not match {bits}-bit "
+                         "weights in groups of a multiple of 32 columns")
+    n_groups, block_m = K // group, 16
+    config = config or config_for(M, N * (2 if gated else 1), K, bits)
+    n_tiles, m_tiles = triton.cdiv(N, config.block_n), triton.cdiv(M, block_m)
+    split = split_for(config, n_tiles * m_tiles, n_groups, _sms(x.device))
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    part = torch.empty(split if split > 1 else 1, M, rows, dtype=torch.float32, device=x.device)
+    locks = _locks(x.device, n_tiles * m_tiles)
+    _wq_matmul_kernel[(n_tiles, split, m_tiles)](
+        x, qweight, qweight if scales is None else scales, x if pre_scale is None else pre_scale,
+        x if bias is None else bias, part, locks, out,
+        M, N, n_groups, x.stride(0), qweight.stride(0), 0 if scales is None else scales.stride(0), out.stride(0),
+        split, GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                       GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    dtype = out_ptr.dtype.element_ty
+    if BITS == 4:
+        j = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+        mask = mask_n[:, None] & (j < K // 2)[None, :]
+        wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + j[None, :], mask=mask, other=0).to(tl.int32)
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (2 * j // GROUP)[None, :], mask=mask, other=0.0)
+        s = s.to(tl.float32)
+        row = out_ptr + offs_n[:, None] * stride_on
+        tl.store(row + (2 * j)[None, :], (((wb & 15) - 8).to(tl.float32) * s).to(dtype), mask=mask)
+        tl.store(row + (2 * j + 1)[None, :], (((wb >> 4) - 8).to(tl.float32) * s).to(dtype), mask=mask)
+    else:
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (k < K)[None, :]
+        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask, other=0).to(tl.float32)
+        s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (k // GROUP)[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], (q * s.to(tl.float32)).to(dtype), mask=mask)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, group: int, bits: int, dtype: torch.dtype,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dense weight [N, K] in dtype (into out), bit-identical to dequantize_ref(..., dtype)."""
+    require_triton(triton, qweight, _dequantize_kernel)
+    N, K = qweight.shape[0], qweight.shape[1] * 8 // bits
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device) if out is None else out
+    block_n, block_k = 16, 256
+    _dequantize_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+        qweight, scales, out, N, K, qweight.stride(0), scales.stride(0), out.stride(0),
+        GROUP=group, BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
