@@ -4,6 +4,7 @@ from torch import nn
 
 from conftest import build_engine
 from kvexp.core.int4 import Int4Linear, pack, rtn_quantize, unpack
+from kvexp.quant import weights
 from kvexp.quant.weights import export_int4
 
 
@@ -57,12 +58,29 @@ def test_awq_beats_round_to_nearest_on_activation_outliers():
     assert err["awq"] < 0.8 * err["rtn"], err
 
 
-def test_awq_engine_uses_packed_weights_and_caches_them():
+def _count_calibrations(monkeypatch) -> list[str]:
+    """Spy on the two int4 recipes: the names of the ones called, in order (the real work still runs)."""
+    calls = []
+    for name in ("_awq", "_rtn"):
+        real = getattr(weights, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(weights, name, spy)
+    return calls
+
+
+def test_awq_engine_uses_packed_weights_and_caches_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVEXP_CACHE_DIR", str(tmp_path))  # an empty cache: the first build must calibrate
+    calls = _count_calibrations(monkeypatch)
     first = build_engine("quant=awq")
+    assert calls == ["_awq"]  # the spy sees the calibration (were it moved, this fails rather than pass blind)
     swapped = [m for m in first.model.modules() if isinstance(m, Int4Linear)]
     assert len(swapped) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers; lm_head stays dense
     assert all(m.qweight.dtype == torch.uint8 for m in swapped)
     second = build_engine("quant=awq")  # same quant hash: the calibrated weights come from the cache
+    assert calls == ["_awq"], calls  # no second calibration: equal tensors alone would pass a bypassed cache
     qw = lambda e: [m.qweight for m in e.model.modules() if isinstance(m, Int4Linear)]
     assert all(torch.equal(a, b) for a, b in zip(qw(first), qw(second)))
     dense = build_engine("quant=fp16")
