@@ -31,8 +31,7 @@ def _fp16_engine_reproduces_the_cached_reference(fp16: dict, int8: dict, monkeyp
     def no_build(name):
         raise AssertionError("no cached fidelity reference: this check must read the sweep's, not make its own")
     monkeypatch.setattr(fidelity, "engine_class", no_build)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref = fidelity.reference(make_spec("quant=int8kv"), device)  # what every quantized run compares with
+    ref = fidelity.reference(make_spec("quant=int8kv"))  # what every quantized run compares with
     engine = build_engine("quant=fp16")
     fresh = fidelity.compare(ref, fidelity.observe(engine, engine.spec))
     engine.close()
