@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from kvexp.tracking import PARENT_TAG, TAG, Tracker
 
