@@ -2,8 +2,10 @@
 cache classes of kvexp.core.kv.
 
 Kernel tests run on CUDA, or on CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before the kernel modules are imported). Under the interpreter attention runs in fp16 only: its tl.dot
-multiplies bfloat16's raw uint16 storage. It also needs triton >= 3.7 when numpy >= 2.4 (triton#9171).
+before the kernel modules are imported). Under the interpreter a bfloat16 tl.dot multiplies bfloat16's raw
+uint16 storage, so bf16 queries run there only where the kernel's dots are float16 (quantized caches with
+fast_dequant); dense bf16 and the conversion path (fast_dequant=False) with bf16 queries are checked on the
+GPU (tests/README.md lists them). It also needs triton >= 3.7 when numpy >= 2.4 (triton#9171).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from kvexp.core.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dynam
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 CASES = [("dense", None), ("int8", "dynamic"), ("int8", "static"), ("fp8", "dynamic"), ("fp8", "static")]
+ATTN_CASES = CASES + [("int4", "dynamic"), ("int4", "static")]  # write_kv stores CASES; attention reads int4 too
 ATTN_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # rel. error vs reference; observed ~1e-4 in fp16
 
 
@@ -74,6 +77,13 @@ def _inputs(B, hq, hkv, T, D, fmt, scales, dtype, seed=0, device=DEVICE):
     return [t if t is None else t.to(device) for t in (q, *_cache(k, v, fmt, scales, dtype))]
 
 
+def _skip_bf16_on_cpu(dtype: torch.dtype, fmt: str, config: da.KernelConfig | None = None) -> None:
+    """Skip where the interpreter would run a bfloat16 tl.dot (see the module docstring)."""
+    fast = fmt != "dense" and (config is None or config.fast_dequant)
+    if dtype == torch.bfloat16 and not CUDA and not fast:
+        pytest.skip("Triton's interpreter computes bf16 tl.dot on raw uint16 storage: checked on GPU")
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -84,6 +94,8 @@ def _attention_f64(q, k, v, ks, vs, lengths, sm_scale):
     def deq(x, s):
         if s is None:
             return x.double()
+        if x.dtype == torch.uint8:  # int4: low nibble first, code - 8
+            x = torch.stack(((x & 0xF).double() - 8, (x >> 4).double() - 8), -1).flatten(-2)
         s = s.double()[None, :, None] if s.ndim == 1 else s.double()
         return x.double() * s[..., None]
     k64, v64 = deq(k, ks), deq(v, vs)
@@ -96,7 +108,7 @@ def _attention_f64(q, k, v, ks, vs, lengths, sm_scale):
     return out
 
 
-@pytest.mark.parametrize("fmt,scales", CASES)
+@pytest.mark.parametrize("fmt,scales", ATTN_CASES)
 def test_reference_matches_float64(fmt, scales):
     q, k, v, ks, vs = _inputs(3, 8, 2, 70, 32, fmt, scales, torch.float32, device="cpu")
     lengths = torch.tensor([1, 70, 33], dtype=torch.int32)
@@ -109,7 +121,7 @@ def test_reference_rejects_bad_inputs():
     q, k, v, ks, vs = _inputs(2, 4, 2, 16, 32, "int8", "dynamic", torch.float16, device="cpu")
     lengths = torch.tensor([3, 16], dtype=torch.int32)
     with pytest.raises(ValueError, match="fmt must be one of"):
-        decode_attention_ref(q, k, v, ks, vs, lengths, 1.0, "int4")
+        decode_attention_ref(q, k, v, ks, vs, lengths, 1.0, "int2")
     with pytest.raises(ValueError, match="takes no scales"):
         decode_attention_ref(q, k, v, ks, vs, lengths, 1.0, "dense")
     with pytest.raises(ValueError, match="needs torch.float8_e4m3fn"):
@@ -122,11 +134,10 @@ def test_reference_rejects_bad_inputs():
 
 @pytest.mark.parametrize("num_splits", [None, 3, 7])
 @pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("fmt,scales", CASES)
+@pytest.mark.parametrize("fmt,scales", ATTN_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_decode_attention_matches_reference(kernels, dtype, fmt, scales, group, num_splits):
-    if dtype == torch.bfloat16 and not CUDA:
-        pytest.skip("Triton's interpreter computes bf16 tl.dot on raw uint16 storage: bf16 is checked on GPU")
+    _skip_bf16_on_cpu(dtype, fmt)
     # Lengths: 1; the full cache; 129 and 200 are multiples of neither BLOCK_N (64 or 128 here) nor of
     # the slice size; 7 slices of a short sequence leave some slices empty.
     q, k, v, ks, vs = _inputs(4, 2 * group, 2, 300, 64, fmt, scales, dtype, seed=group)
@@ -138,8 +149,10 @@ def test_decode_attention_matches_reference(kernels, dtype, fmt, scales, group, 
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 128])
-@pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic")])
+@pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic"), ("int4", "dynamic")])
 def test_decode_attention_head_dims(kernels, fmt, scales, head_dim):
+    if fmt == "int4" and head_dim < 32:
+        pytest.skip("int4 needs head_dim >= 32 (tl.dot's K of 16 over D/2 bytes)")
     q, k, v, ks, vs = _inputs(2, 8, 2, 150, head_dim, fmt, scales, torch.float16, seed=head_dim)
     lengths = torch.tensor([150, 41], dtype=torch.int64, device=DEVICE)
     out = kernels.decode_attention(q, k, v, ks, vs, lengths, head_dim ** -0.5, fmt, 2)
@@ -151,15 +164,17 @@ CONFIGS = [  # the tuner's block_n (and 16), both K loads; warps and stages are 
     da.KernelConfig(block_n=32, num_warps=2, num_stages=2, k_natural=True),
     da.KernelConfig(block_n=64, num_warps=8, num_stages=4, k_natural=False, norm_v_scale=False),
     da.KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=True),
+    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, fast_dequant=False),
+    da.KernelConfig(block_n=32, num_warps=4, num_stages=3, k_natural=True, norm_v_scale=False, fast_dequant=False),
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-@pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic"), ("fp8", "static")])
+@pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic"), ("fp8", "static"), ("fp8", "dynamic"),
+                                        ("int4", "dynamic")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_decode_attention_configs(kernels, dtype, fmt, scales, config):
-    if dtype == torch.bfloat16 and not CUDA:
-        pytest.skip("Triton's interpreter computes bf16 tl.dot on raw uint16 storage: bf16 is checked on GPU")
+    _skip_bf16_on_cpu(dtype, fmt, config)
     q, k, v, ks, vs = _inputs(3, 8, 2, 300, 64, fmt, scales, dtype, seed=config.block_n)
     lengths = torch.tensor([300, 17, 190], dtype=torch.int32, device=DEVICE)
     out = torch.full_like(q, float("nan"))
@@ -197,10 +212,11 @@ def test_decode_attention_fp16_with_small_values(kernels, fmt, config):
 
 
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
-@pytest.mark.parametrize("fmt,tol", [("int8", 8e-3), ("fp8", 3.5e-2)])
+@pytest.mark.parametrize("fmt,tol", [("int8", 8e-3), ("fp8", 3.5e-2), ("int4", 0.14)])
 def test_quantized_attention_close_to_dense(request, impl, fmt, tol):
     """Quantization error of the whole attention on random data: int8 measures 0.52-0.67% and fp8 ~2.6%;
-    a V scale off by 1/128 gives int8 0.82-0.90%, swapped K/V scales 10-28%."""
+    a V scale off by 1/128 gives int8 0.82-0.90%, swapped K/V scales 10-28%. int4 measures 11.9%; its V
+    scale off by 8/7 (qmax 8 for 7) gives 18.7%, swapped K/V scales 15.3%."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(4, 8, 64, generator=g)
     k, v = torch.randn(4, 2, 300, 64, generator=g), torch.randn(4, 2, 300, 64, generator=g)
