@@ -258,15 +258,18 @@ def _junk(t: torch.Tensor, g: torch.Generator) -> None:
         t.copy_(torch.randn(t.shape, generator=g) * 10)
 
 
+@pytest.mark.parametrize("n", [1, 3], ids=["decode", "prefill"])
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=["pos32", "pos64"])
 @pytest.mark.parametrize("fmt,scales", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype):
+def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype, n):
+    """n = 1 passes [B, Hkv, D] (decode's call), n = 3 [B, Hkv, n, D] (prefill's), the last sequence ending
+    at the cache's end."""
     B, hkv, T, D = 3, 4, 10, 64
     g = torch.Generator().manual_seed(1)
-    k, v = (torch.randn(B, hkv, D, generator=g) * 3).to(dtype), torch.randn(B, hkv, D, generator=g).to(dtype)
-    k[0, 0, :5], k[1, 1], v[2, 0, :3] = -0.0, 0.0, -1e-5  # signed zeros, the amax clamp, tiny negatives
-    pos = torch.tensor([0, 5, T - 1])
+    k, v = (torch.randn(B, hkv, n, D, generator=g) * 3).to(dtype), torch.randn(B, hkv, n, D, generator=g).to(dtype)
+    k[0, 0, 0, :5], k[1, 1, -1], v[2, 0, 0, :3] = -0.0, 0.0, -1e-5  # signed zeros, the amax clamp, tiny negatives
+    pos = torch.tensor([0, 5, T - n])
     static = (torch.rand(1, hkv, generator=g) + 0.01, torch.rand(1, hkv, generator=g) + 0.01)
     if fmt == "dense":
         ref = KVCache(1, B, hkv, T, D, dtype, "cpu")
@@ -276,8 +279,9 @@ def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype):
         _junk(t, g)
     mine = [t.clone().to(DEVICE) for t in (ref.k[0], ref.v[0])]
     mine += [None, None] if fmt == "dense" else [ref.k_scale[0].clone().to(DEVICE), ref.v_scale[0].clone().to(DEVICE)]
-    ref.write(0, k[:, :, None], v[:, :, None], pos)  # the torch path: fused_write is off
-    kernels.write_kv(k.to(DEVICE), v.to(DEVICE), *mine, pos.to(pos_dtype).to(DEVICE), fmt)
+    ref.write(0, k, v, pos)  # the torch path: fused_write is off
+    k_in, v_in = (k[:, :, 0], v[:, :, 0]) if n == 1 else (k, v)
+    kernels.write_kv(k_in.to(DEVICE), v_in.to(DEVICE), *mine, pos.to(pos_dtype).to(DEVICE), fmt)
     expected = [ref.k[0], ref.v[0]] + ([] if fmt == "dense" else [ref.k_scale[0], ref.v_scale[0]])
     for got, want in zip(mine, expected):
         assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))

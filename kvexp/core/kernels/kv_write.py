@@ -1,6 +1,7 @@
-"""Fused quantize-and-store of the one new token per sequence that each decode step appends to the cache.
+"""Fused quantize-and-store of the new tokens of every sequence: the one token a decode step appends, or
+the n tokens of a prefill.
 
-One launch writes K and V of every (sequence, kv head): dynamic formats compute the per-(token, head)
+One launch writes K and V of every (sequence, kv head, token): dynamic formats compute the per-(token, head)
 scale amax / qmax, round it to the stored bfloat16 and quantize with that stored value, exactly as
 kvexp.core.kv.QuantizedKVCache.write does (the reference these kernels are tested bit-exact against).
 
@@ -24,7 +25,8 @@ try:
 except ImportError:  # CPU-only install: keep this module importable, calls fail with how to install
     from kvexp.core.kernels import _MissingTriton as triton, _MissingTriton as tl
 
-KERNEL_FORMATS = ("dense", "int8", "fp8")
+WRITE_FORMATS = ("dense", "int8", "fp8")  # what write_kv stores (int4 caches are written by kvexp.core.kv)
+KERNEL_FORMATS = WRITE_FORMATS + ("int4",)  # what decode_attention reads
 MODEL_DTYPES = (torch.float16, torch.bfloat16)
 # Scale layouts, told apart by ndim: none (dense), dynamic [B, Hkv, Tmax] bf16, static [Hkv] fp32.
 NO_SCALE, DYNAMIC, STATIC = 0, 1, 2
@@ -85,15 +87,16 @@ def _quantize_store(src, src_off, dst, dst_off, scale_ptr, scale_off, IS_FP8: tl
 
 @triton.jit
 def _write_kv_kernel(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
-                     s_nb, s_nh, s_nd, s_cb, s_ch, s_ct, s_cd, s_sb, s_sh, s_st,
+                     s_nb, s_nh, s_nt, s_nd, s_cb, s_ch, s_ct, s_cd, s_sb, s_sh, s_st,
                      D: tl.constexpr, SCALES: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
-    """Grid (B, Hkv): one program stores K and V of one (sequence, kv head) at cache position pos[b].
-    k_new/v_new share strides s_n*, k_cache/v_cache share s_c*, dynamic k_scale/v_scale share s_s*."""
+    """Grid (B, Hkv, n): one program stores K and V of one (sequence, kv head) new token i at cache position
+    pos[b] + i. k_new/v_new share strides s_n*, k_cache/v_cache share s_c*, dynamic k_scale/v_scale share s_s*."""
     b = tl.program_id(0).to(tl.int64)  # int64: cache offsets pass 2^31 at long context
     h = tl.program_id(1).to(tl.int64)
-    t = tl.load(pos + b).to(tl.int64)
+    i = tl.program_id(2).to(tl.int64)
+    t = tl.load(pos + b).to(tl.int64) + i
     d = tl.arange(0, D)
-    src = b * s_nb + h * s_nh + d * s_nd
+    src = b * s_nb + h * s_nh + i * s_nt + d * s_nd
     dst = b * s_cb + h * s_ch + t * s_ct + d * s_cd
     if SCALES == 0:
         tl.store(k_cache + dst, tl.load(k_new + src))
@@ -133,18 +136,23 @@ def scale_strides(mode: int, k_scale: Optional[torch.Tensor]) -> tuple[int, int,
 
 def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], pos: torch.Tensor, fmt: str) -> None:
-    """Quantize and store one new token per sequence, in place, in one launch (CUDA-graph capturable).
+    """Quantize and store n new tokens per sequence, in place, in one launch (CUDA-graph capturable).
 
-    k_new, v_new: [B, Hkv, D] float16/bfloat16 (the model dtype; dense caches must have the same dtype).
+    k_new, v_new: [B, Hkv, D] (one token) or [B, Hkv, n, D], float16/bfloat16 (the model dtype; dense
+        caches must have the same dtype); token i goes to position pos[b] + i.
     k_cache, v_cache: [B, Hkv, Tmax, D] of one layer: the model dtype ("dense"), int8 or float8_e4m3fn.
     k_scale, v_scale: None ("dense"), dynamic [B, Hkv, Tmax] bfloat16 (written here at pos), or static
-        [Hkv] float32 (read only). pos: [B] int32/int64 device tensor, the cache position to write.
-    Same values as kvexp.core.kv.KVCache.write / QuantizedKVCache.write with n = 1.
+        [Hkv] float32 (read only). pos: [B] int32/int64 device tensor, the first cache position to write.
+    Same values as kvexp.core.kv.KVCache._write / QuantizedKVCache._write (the torch path).
     """
+    if fmt not in WRITE_FORMATS:
+        raise ValueError(f"write_kv stores {WRITE_FORMATS}, not fmt {fmt!r} (int4 caches write through kvexp.core.kv)")
     mode = scale_mode(fmt, k_scale, v_scale, k_cache.shape[1])
-    B, hkv, D = k_new.shape
+    if k_new.ndim == 3:
+        k_new, v_new = k_new[:, :, None], v_new[:, :, None]
+    B, hkv, n, D = k_new.shape
     if k_new.dtype not in MODEL_DTYPES or k_new.shape != v_new.shape or k_new.stride() != v_new.stride():
-        raise ValueError(f"k_new/v_new must be [B, Hkv, D] float16/bfloat16 of one layout, got {k_new.dtype}")
+        raise ValueError(f"k_new/v_new must be [B, Hkv, (n,) D] float16/bfloat16 of one layout, got {k_new.dtype}")
     storage = k_new.dtype if fmt == "dense" else FORMATS[fmt].storage
     if k_cache.dtype != storage or v_cache.dtype != storage or k_cache.stride() != v_cache.stride():
         raise ValueError(f"fmt {fmt!r} with {k_new.dtype} inputs needs {storage} caches of one layout")
@@ -152,7 +160,7 @@ def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_
         raise ValueError(f"shapes: k_new {tuple(k_new.shape)}, k_cache {tuple(k_cache.shape)}, pos {tuple(pos.shape)}"
                          " must be [B, Hkv, D], [B, Hkv, Tmax, D] (D a power of two), [B]")
     require_triton(triton, k_new, _write_kv_kernel)
-    _write_kv_kernel[(B, hkv)](
+    _write_kv_kernel[(B, hkv, n)](
         k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
         *k_new.stride(), *k_cache.stride(), *scale_strides(mode, k_scale),
         D=D, SCALES=mode, IS_FP8=fmt == "fp8", QMAX=FORMATS[fmt].qmax if mode else 0.0,
