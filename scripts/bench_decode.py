@@ -77,10 +77,18 @@ def tune() -> tuple[list[dict], dict]:
     return rows, {fmt: dataclasses.asdict(c) for fmt, c in best.items()}
 
 
-def part_a(quick: bool) -> list[dict]:
-    from kvexp.bench.kernels import bench_decode_attention
+def part_a(quick: bool, sweep: bool = False) -> list[dict]:
+    """Decode attention at both head layouts (kvexp.bench.kernels.SHAPES), each row with its model and
+    vs_sdpa; sweep: the context sweep's summary rows (slope, break-even) follow, with part "sweep"."""
+    from kvexp.bench.kernels import SHAPES, bench_decode_attention, context_sweep, sweep_summary, with_ratios
 
-    return bench_decode_attention(batch_sizes=(1, 8) if quick else (1, 8, 16), lengths=(4096, 32768))
+    rows, swept = [], []
+    for model, (hq, hkv, d) in SHAPES.items():
+        rows += [dict(r, model=model) for r in bench_decode_attention(
+            batch_sizes=(1, 8) if quick else (1, 8, 16), lengths=(4096, 32768), hq=hq, hkv=hkv, d=d)]
+        if sweep:
+            swept += [dict(r, model=model, part="sweep") for r in sweep_summary(context_sweep(hq, hkv, d))]
+    return with_ratios(rows) + swept
 
 
 def part_b(ckpt: Path, shapes: list[tuple[int, int]], gen: int, iters: int) -> list[dict]:
@@ -140,6 +148,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "hf"])
     ap.add_argument("--tune", action="store_true", help="first sweep the attention kernel's launch configs")
+    ap.add_argument("--sweep", action="store_true", help="part (a) adds the context sweep per KV format")
     args = ap.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                "copy_bw_GBs": copy_bandwidth("cuda") / 1e9, "date": time.strftime("%Y-%m-%d")}
@@ -148,7 +157,7 @@ def main() -> None:
         results["tuning"], results["tuned_configs"] = tune()
         print("tuned kernel configs:", json.dumps(results["tuned_configs"]), flush=True)
     if "a" not in args.skip:
-        results["attention"] = part_a(args.quick)
+        results["attention"] = part_a(args.quick, args.sweep)
         print("\n(a) decode attention\n" + table(results["attention"], list(results["attention"][0])))
     ckpt = make_checkpoint(Path(tempfile.gettempdir()) / "kvexp-llama-1b-shape")
     if "hf" not in args.skip:

@@ -383,8 +383,8 @@ def test_bench_decode_attention_checks_every_method(kernels):
     from kvexp.bench.kernels import bench_decode_attention
 
     rows = bench_decode_attention(batch_sizes=(2,), lengths=(1000,), hq=8, hkv=2, d=64)
-    assert {r["method"] for r in rows} == {"sdpa_gqa", "sdpa_expand", "sdpa_int8_dequant",
-                                           "kernel_dense", "kernel_int8", "kernel_fp8"}
+    assert {r["method"] for r in rows} == {"sdpa_gqa", "sdpa_expand", "sdpa_int8_dequant", "kernel_dense",
+                                           *(f"kernel_{f}{s}" for f in ("int8", "fp8", "int4") for s in ("", "_cvt"))}
     assert all(r["correct"] and r["time_us"] > 0 and r["gbps"] > 0 for r in rows), rows
     assert all(r["config"] for r in rows if r["method"].startswith("kernel_")), rows
 
@@ -403,3 +403,15 @@ def test_tune_decode_attention_on_a_small_grid(kernels, monkeypatch):
     assert all(r["correct"] and r["error"] is None for r in rows), [r for r in rows if not r["correct"]]
     best = bench.best_configs(rows)
     assert set(best) == {"dense", "int8", "fp8"} and all(c.block_n == 64 for c in best.values())
+
+
+def test_sweep_summary_fits_slopes_and_break_even():
+    from kvexp.bench.kernels import SWEEP_LENGTHS, sweep_summary
+
+    rows = [dict(hq=32, hkv=8, head_dim=64, batch=8, seq_len=t, method=m, time_us=a + b * t / 1000)
+            for t in SWEEP_LENGTHS for m, a, b in (("sdpa_gqa", 5, 4), ("kernel_int8", 9, 2), ("kernel_fp8", 2, 5))]
+    got = {r["method"]: r for r in sweep_summary(rows)}
+    assert got["kernel_int8"]["slope_us_per_1k"] == pytest.approx(2) and got["kernel_int8"]["slope_vs_baseline"] == 0.5
+    assert got["kernel_int8"]["break_even_tokens"] == pytest.approx(2000)  # 9 + 2x = 5 + 4x at x = 2k tokens
+    assert got["kernel_int8"]["first_faster_measured"] == 2048
+    assert got["kernel_fp8"]["break_even_tokens"] is None  # faster at first, slower past 3k: never breaks even
