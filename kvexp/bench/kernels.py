@@ -160,7 +160,12 @@ def _bench_case(batch: int, seq_len: int, hq: int, hkv: int, d: int, dtype: torc
         if names is not None and name not in names:
             continue
         fns = [methods[name].fn for methods in per_set[:_copies(method.nbytes)]]
-        row = dict(_shape(batch, seq_len, hq, hkv, d, dtype), method=name, **_measure(method, fns, refs[method.fmt]))
+        try:
+            measured = _measure(method, fns, refs[method.fmt])
+        except Exception as e:  # a variant that fails to compile or launch: its row says why, the others still run
+            measured = dict(kv_format=method.fmt, time_us=None, bytes=method.nbytes, gbps=None, rel_err=None,
+                            correct=False, error=f"{type(e).__name__}: {e}"[:300])
+        row = dict(_shape(batch, seq_len, hq, hkv, d, dtype), method=name, **measured)
         if name.startswith("kernel_"):
             config = default_config(method.fmt, d)
             config = dataclasses.replace(config, fast_dequant=False) if name.endswith("_cvt") else config
@@ -306,6 +311,8 @@ def sweep_summary(rows: list[dict], baseline: str = "sdpa_gqa") -> list[dict]:
     also the shortest measured context at which it was faster."""
     series: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
     for r in rows:
+        if r["time_us"] is None:
+            continue
         series[(r["hq"], r["hkv"], r["head_dim"], r["batch"], r["method"])].append((r["seq_len"], r["time_us"]))
     out = []
     for (hq, hkv, d, batch, method), points in series.items():
@@ -334,7 +341,7 @@ def with_ratios(rows: list[dict], baseline: str = "sdpa_gqa") -> list[dict]:
     """rows plus vs_sdpa: the baseline's time over the method's, within each (shape, batch, seq_len)."""
     key = lambda r: (r["hq"], r["hkv"], r["head_dim"], r["batch"], r["seq_len"])
     ref = {key(r): r["time_us"] for r in rows if r["method"] == baseline}
-    return [dict(r, vs_sdpa=ref[key(r)] / r["time_us"] if key(r) in ref else None) for r in rows]
+    return [dict(r, vs_sdpa=ref[key(r)] / r["time_us"] if ref.get(key(r)) and r["time_us"] else None) for r in rows]
 
 
 def prefill_write_times(layers: int = 16, batch: int = 1, n: int = 512, hkv: int = 8, d: int = 64,
@@ -394,25 +401,30 @@ def main(argv: Optional[list[str]] = None) -> dict:
         profile_target(fmt, model, int(batch), int(seq_len))
         return {}
     result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    save = lambda: args.json and args.json.write_text(json.dumps(result, indent=1))  # after each part: partial runs count
     table, sweep = [], []
     for name, (hq, hkv, d) in SHAPES.items():
         table += [dict(r, model=name) for r in bench_decode_attention(
             (8,) if args.quick else (1, 8), (32768,) if args.quick else (4096, 32768), hq, hkv, d)]
-        if args.sweep:
+        result["attention"] = with_ratios(table)
+        save()
+    if args.prefill_write:
+        result["prefill_write"] = prefill_write_times()
+        save()
+        _print_table(result["prefill_write"], list(result["prefill_write"][0]))
+    if args.sweep:
+        for name, (hq, hkv, d) in SHAPES.items():
             sweep += [dict(r, model=name) for r in context_sweep(hq, hkv, d)]
-    result["attention"] = with_ratios(table)
+            result["sweep"] = sweep
+            save()
     _print_table(result["attention"], ["model", "batch", "seq_len", "method", "time_us", "vs_sdpa", "gbps",
                                        "rel_err", "correct", "num_splits", "config"])
     if sweep:
-        result["sweep"], result["sweep_summary"] = sweep, sweep_summary(sweep)
+        result["sweep_summary"] = sweep_summary(sweep)
         _print_table(result["sweep_summary"], ["hq", "hkv", "head_dim", "batch", "method", "slope_us_per_1k",
                                                "slope_vs_baseline", "intercept_us", "break_even_tokens",
                                                "first_faster_measured"])
-    if args.prefill_write:
-        result["prefill_write"] = prefill_write_times()
-        _print_table(result["prefill_write"], list(result["prefill_write"][0]))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    save()
     print(json.dumps(result))
     return result
 
