@@ -79,7 +79,7 @@ def _inputs(B, hq, hkv, T, D, fmt, scales, dtype, seed=0, device=DEVICE):
 
 def _skip_bf16_on_cpu(dtype: torch.dtype, fmt: str, config: da.KernelConfig | None = None) -> None:
     """Skip where the interpreter would run a bfloat16 tl.dot (see the module docstring)."""
-    fast = fmt != "dense" and (config is None or config.fast_dequant)
+    fast = fmt != "dense" and (config or da.default_config(fmt, 64)).fast_dequant
     if dtype == torch.bfloat16 and not CUDA and not fast:
         pytest.skip("Triton's interpreter computes bf16 tl.dot on raw uint16 storage: checked on GPU")
 

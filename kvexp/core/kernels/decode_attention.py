@@ -12,10 +12,11 @@ sm_scale and the probabilities are multiplied by s_v[t] before the P @ V dot (in
 exact in fp16/bf16, so the dots see exact inputs). Static per-head scales fold into sm_scale and the
 output. Softmax runs in base 2 (exp2) with sm_scale * log2(e) folded in; accumulation is fp32.
 
-Quantized tiles become float16 through bit arithmetic (KernelConfig.fast_dequant, see _values), not
-through int->float conversions: on Hopper those issue at a quarter of the FP32 rate and, one per cached
-value, kept the previous int8 kernel at 41% of DRAM bandwidth (issue 13, docs/benchmarks.md). The dots
-then run in float16, queries normalized per row so bf16 queries neither overflow nor lose bits.
+Quantized tiles can become float16 through bit arithmetic (KernelConfig.fast_dequant, see _values) instead
+of int->float conversions, which issue at a quarter of the FP32 rate on Hopper; the dots then run in
+float16, queries normalized per row so bf16 queries neither overflow nor lose bits. Measured on an H200,
+that pays for int4 (its nibbles need unpacking either way) and not for int8/fp8 (DEFAULT_CONFIGS says by
+how much), so each format's default config picks its path.
 
 Stage 1's launch is a KernelConfig; DEFAULT_CONFIGS holds one per format, and
 kvexp.bench.kernels.tune_decode_attention measures the alternatives on the GPU at hand.
@@ -77,9 +78,14 @@ DEFAULT_CONFIGS: dict[str, KernelConfig] = {
     "dense": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False),
     # tune_decode_attention on an H100 (B=1 and 8, T=32k): skipping the V-scale normalization (bf16 queries
     # only; fp16 keeps it) was the one knob that paid, 6-7% at B=8; block/warps/stages/k_natural were noise.
-    "int8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False),
-    "fp8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False),
-    "int4": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=True, norm_v_scale=False),
+    # On an H200 (2026-12-02, B=8, T=32k, Llama-3.2-1B heads) the bit-arithmetic float16 tiles did not pay for
+    # 8-bit formats: int8 150.8 us at block_n 64 and 166 at 128 against 114.8 converting (Triton 3.6 already
+    # converts int8 with byte permutes, not I2F), fp8 169 against 133.9. For int4 they did: 201 against 214.
+    "int8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False,
+                         fast_dequant=False),
+    "fp8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False,
+                        fast_dequant=False),
+    "int4": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, fast_dequant=True),
 }
 FMT_CODES = {"dense": 0, "int8": 1, "fp8": 2, "int4": 3}  # the kernels' FMT constexpr
 FP8_BITS_FACTOR = 256.0  # _values' fast e4m3 tiles hold the value times 2^-8
