@@ -24,7 +24,7 @@ from kvexp.core.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dynam
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 CASES = [("dense", None), ("int8", "dynamic"), ("int8", "static"), ("fp8", "dynamic"), ("fp8", "static")]
-ATTN_CASES = CASES + [("int4", "dynamic"), ("int4", "static")]  # write_kv stores CASES; attention reads int4 too
+ATTN_CASES = CASES + [("int4", "dynamic"), ("int4", "static")]
 ATTN_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # rel. error vs reference; observed ~1e-4 in fp16
 
 
@@ -252,15 +252,15 @@ def test_best_configs_ranks_configs_correct_at_every_batch_by_summed_time():
 def _junk(t: torch.Tensor, g: torch.Generator) -> None:
     """Fill t with random finite values, so that a write to the wrong place or a skipped write shows.
     Finite: Triton's interpreter round-trips whole tensors through numpy, which rewrites NaN payloads."""
-    if t.dtype == torch.int8:
-        t.copy_(torch.randint(-128, 128, t.shape, generator=g, dtype=torch.int8))
+    if t.dtype in (torch.int8, torch.uint8):
+        t.copy_(torch.randint(-128, 128, t.shape, generator=g, dtype=torch.int8).view(t.dtype))
     else:
         t.copy_(torch.randn(t.shape, generator=g) * 10)
 
 
 @pytest.mark.parametrize("n", [1, 3], ids=["decode", "prefill"])
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=["pos32", "pos64"])
-@pytest.mark.parametrize("fmt,scales", CASES)
+@pytest.mark.parametrize("fmt,scales", ATTN_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype, n):
     """n = 1 passes [B, Hkv, D] (decode's call), n = 3 [B, Hkv, n, D] (prefill's), the last sequence ending
@@ -288,15 +288,16 @@ def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype, 
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.75])
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
 def test_write_kv_rounding_is_exact_for_every_bf16_value(kernels, fmt, scale):
-    """Every bfloat16 in [-480, 480] through a static scale: scale 1 lands on every rounding tie of both
-    formats (k + 0.5 for int8, midpoints between e4m3 values, subnormals); 0.75 exercises the division."""
+    """Every bfloat16 in [-480, 480] through a static scale: scale 1 lands on every rounding tie of the
+    formats (k + 0.5 for int8 and int4, midpoints between e4m3 values, subnormals) and on int4's clamp to
+    [-8, 7]; 0.75 exercises the division."""
     values = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     values = values[values.float().abs() <= 480]
     x = torch.cat([values, values[: (-values.numel()) % 256]]).view(-1, 1, 256)  # [rows, Hkv=1, D=256]
     s = torch.full((1,), scale)
-    cache = torch.zeros(x.shape[0], 1, 2, 256, dtype=FORMATS[fmt].storage, device=DEVICE)
+    cache = torch.zeros(x.shape[0], 1, 2, 128 if FORMATS[fmt].packed else 256, dtype=FORMATS[fmt].storage, device=DEVICE)
     pos = torch.ones(x.shape[0], dtype=torch.int64, device=DEVICE)
     kernels.write_kv(x.to(DEVICE), x.to(DEVICE), cache, cache.clone(), s.to(DEVICE), s.to(DEVICE), pos, fmt)
     want = quantize(x, s[None, :], FORMATS[fmt])

@@ -105,10 +105,10 @@ def test_kv_faithful_scoring_sees_the_quantized_cache():
 
 
 @pytest.mark.parametrize("fmt,static", [("dense", False), ("int8", False), ("int8", True), ("fp8", False),
-                                        ("fp8", True), ("int4", False)])
+                                        ("fp8", True), ("int4", False), ("int4", True)])
 def test_fused_prefill_write_is_bit_exact(fmt, static):
     """A prefill (n = 7 tokens, ragged start positions) through fused_write=True (the Triton kernel; CPU: its
-    interpreter) stores the same bits as the torch path; int4 takes the torch path in both."""
+    interpreter) stores the same bits as the torch path."""
     pytest.importorskip("triton")
     from kvexp.core.kernels import decode_attention as da
 

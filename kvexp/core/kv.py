@@ -70,7 +70,6 @@ class KVCache:
     fused_write: writes (decode's one token and prefill's n per sequence) go through the fused Triton
     quantize-and-store kernel (kvexp.core.kernels.kv_write), one launch per layer instead of ~10 small ones
     (issue 13: at 512 prompt tokens those made int8kv's TTFT 1.6x fp16's); same bits as the torch path.
-    int4 caches keep the torch path: the kernel does not pack nibbles.
     """
     fmt_name = "dense"
 
@@ -98,7 +97,7 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """k, v [B, Hkv, n, D] written at positions pos[b] .. pos[b]+n-1 of each sequence."""
-        if self.fused_write and self.fmt_name != "int4":
+        if self.fused_write:
             from kvexp.core.kernels.kv_write import write_kv
 
             # one fresh [2, B, Hkv, n, D] tensor: k and v get identical strides (compiled ops may give size-1 dims

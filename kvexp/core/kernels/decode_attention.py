@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from kvexp.core.kernels import require_triton
-from kvexp.core.kernels.kv_write import DYNAMIC, MODEL_DTYPES, NO_SCALE, STATIC, scale_mode, scale_strides
+from kvexp.core.kernels.kv_write import DYNAMIC, FMT_CODES, MODEL_DTYPES, NO_SCALE, STATIC, scale_mode, scale_strides
 from kvexp.core.kv import FORMATS, dequantize
 
 try:
@@ -87,7 +87,6 @@ DEFAULT_CONFIGS: dict[str, KernelConfig] = {
                         fast_dequant=False),
     "int4": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, fast_dequant=True),
 }
-FMT_CODES = {"dense": 0, "int8": 1, "fp8": 2, "int4": 3}  # the kernels' FMT constexpr
 FP8_BITS_FACTOR = 256.0  # _values' fast e4m3 tiles hold the value times 2^-8
 
 

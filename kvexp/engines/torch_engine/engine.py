@@ -138,7 +138,7 @@ class TorchEngine(Engine):
         from kvexp.core.kernels import triton_available
         from kvexp.core.kernels.kv_write import KERNEL_FORMATS, MODEL_DTYPES
 
-        # int4 KV and float32 models get here only with engine.attention=auto (check_supported rejects triton)
+        # float32 models get here only with engine.attention=auto (check_supported rejects triton)
         fmt = kv_format(self.spec.cfg.quant.kv_cache.dtype)
         if not triton_available() or fmt not in KERNEL_FORMATS or self.dtype not in MODEL_DTYPES:
             return None
