@@ -102,10 +102,18 @@ def tune() -> tuple[list[dict], dict]:
     return rows, {fmt: dataclasses.asdict(c) for fmt, c in best.items()}
 
 
-def part_a(quick: bool) -> list[dict]:
-    from kvexp.bench.kernels import bench_decode_attention
+def part_a(quick: bool, sweep: bool = False) -> list[dict]:
+    """Decode attention at both head layouts (kvexp.bench.kernels.SHAPES), each row with its model and
+    vs_sdpa; sweep: the context sweep's summary rows (slope, break-even) follow, with part "sweep"."""
+    from kvexp.bench.kernels import SHAPES, bench_decode_attention, context_sweep, sweep_summary, with_ratios
 
-    return bench_decode_attention(batch_sizes=(1, 8) if quick else (1, 8, 16), lengths=(4096, 32768))
+    rows, swept = [], []
+    for model, (hq, hkv, d) in SHAPES.items():
+        rows += [dict(r, model=model) for r in bench_decode_attention(
+            batch_sizes=(1, 8) if quick else (1, 8, 16), lengths=(4096, 32768), hq=hq, hkv=hkv, d=d)]
+        if sweep:
+            swept += [dict(r, model=model, part="sweep") for r in sweep_summary(context_sweep(hq, hkv, d))]
+    return with_ratios(rows) + swept
 
 
 @contextmanager
@@ -267,6 +275,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--tune", action="store_true", help="first sweep the attention and linear kernels' configs")
     ap.add_argument("--budget-s", type=float, help="skip the parts that would start after this many seconds")
+    ap.add_argument("--sweep", action="store_true", help="part (a) adds the context sweep per KV format")
     args = ap.parse_args()
     start = time.perf_counter()
     bw = copy_bandwidth("cuda")
@@ -289,7 +298,7 @@ def main() -> None:
         results["tuning"], results["tuned_configs"] = tune()
         print("tuned kernel configs:", json.dumps(results["tuned_configs"]), flush=True)
     if go("a"):
-        results["attention"] = part_a(args.quick)
+        results["attention"] = part_a(args.quick, args.sweep)
         print("\n(a) decode attention\n" + table(results["attention"], list(results["attention"][0])))
     if go("k"):
         from bench_linears import SWEEP, best_of, bench_shapes, install_best

@@ -2,8 +2,10 @@
 cache classes of kvexp.core.kv.
 
 Kernel tests run on CUDA, or on CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
-before the kernel modules are imported). Under the interpreter attention runs in fp16 only: its tl.dot
-multiplies bfloat16's raw uint16 storage. It also needs triton >= 3.7 when numpy >= 2.4 (triton#9171).
+before the kernel modules are imported). Under the interpreter a bfloat16 tl.dot multiplies bfloat16's raw
+uint16 storage, so bf16 queries run there only where the kernel's dots are float16 (quantized caches with
+fast_dequant); dense bf16 and the conversion path (fast_dequant=False) with bf16 queries are checked on the
+GPU (tests/README.md lists them). It also needs triton >= 3.7 when numpy >= 2.4 (triton#9171).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from kvexp.core.kv import FORMATS, SCALE_DTYPE, KVCache, QuantizedKVCache, dynam
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 CASES = [("dense", None), ("int8", "dynamic"), ("int8", "static"), ("fp8", "dynamic"), ("fp8", "static")]
+ATTN_CASES = CASES + [("int4", "dynamic"), ("int4", "static")]
 ATTN_TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}  # rel. error vs reference; observed ~1e-4 in fp16
 
 
@@ -74,6 +77,13 @@ def _inputs(B, hq, hkv, T, D, fmt, scales, dtype, seed=0, device=DEVICE):
     return [t if t is None else t.to(device) for t in (q, *_cache(k, v, fmt, scales, dtype))]
 
 
+def _skip_bf16_on_cpu(dtype: torch.dtype, fmt: str, config: da.KernelConfig | None = None) -> None:
+    """Skip where the interpreter would run a bfloat16 tl.dot (see the module docstring)."""
+    fast = fmt != "dense" and (config or da.default_config(fmt, 64)).fast_dequant
+    if dtype == torch.bfloat16 and not CUDA and not fast:
+        pytest.skip("Triton's interpreter computes bf16 tl.dot on raw uint16 storage: checked on GPU")
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -84,6 +94,8 @@ def _attention_f64(q, k, v, ks, vs, lengths, sm_scale):
     def deq(x, s):
         if s is None:
             return x.double()
+        if x.dtype == torch.uint8:  # int4: low nibble first, code - 8
+            x = torch.stack(((x & 0xF).double() - 8, (x >> 4).double() - 8), -1).flatten(-2)
         s = s.double()[None, :, None] if s.ndim == 1 else s.double()
         return x.double() * s[..., None]
     k64, v64 = deq(k, ks), deq(v, vs)
@@ -96,7 +108,7 @@ def _attention_f64(q, k, v, ks, vs, lengths, sm_scale):
     return out
 
 
-@pytest.mark.parametrize("fmt,scales", CASES)
+@pytest.mark.parametrize("fmt,scales", ATTN_CASES)
 def test_reference_matches_float64(fmt, scales):
     q, k, v, ks, vs = _inputs(3, 8, 2, 70, 32, fmt, scales, torch.float32, device="cpu")
     lengths = torch.tensor([1, 70, 33], dtype=torch.int32)
@@ -109,7 +121,7 @@ def test_reference_rejects_bad_inputs():
     q, k, v, ks, vs = _inputs(2, 4, 2, 16, 32, "int8", "dynamic", torch.float16, device="cpu")
     lengths = torch.tensor([3, 16], dtype=torch.int32)
     with pytest.raises(ValueError, match="fmt must be one of"):
-        decode_attention_ref(q, k, v, ks, vs, lengths, 1.0, "int4")
+        decode_attention_ref(q, k, v, ks, vs, lengths, 1.0, "int2")
     with pytest.raises(ValueError, match="takes no scales"):
         decode_attention_ref(q, k, v, ks, vs, lengths, 1.0, "dense")
     with pytest.raises(ValueError, match="needs torch.float8_e4m3fn"):
@@ -122,11 +134,10 @@ def test_reference_rejects_bad_inputs():
 
 @pytest.mark.parametrize("num_splits", [None, 3, 7])
 @pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("fmt,scales", CASES)
+@pytest.mark.parametrize("fmt,scales", ATTN_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_decode_attention_matches_reference(kernels, dtype, fmt, scales, group, num_splits):
-    if dtype == torch.bfloat16 and not CUDA:
-        pytest.skip("Triton's interpreter computes bf16 tl.dot on raw uint16 storage: bf16 is checked on GPU")
+    _skip_bf16_on_cpu(dtype, fmt)
     # Lengths: 1; the full cache; 129 and 200 are multiples of neither BLOCK_N (64 or 128 here) nor of
     # the slice size; 7 slices of a short sequence leave some slices empty.
     q, k, v, ks, vs = _inputs(4, 2 * group, 2, 300, 64, fmt, scales, dtype, seed=group)
@@ -138,8 +149,10 @@ def test_decode_attention_matches_reference(kernels, dtype, fmt, scales, group, 
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 128])
-@pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic")])
+@pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic"), ("int4", "dynamic")])
 def test_decode_attention_head_dims(kernels, fmt, scales, head_dim):
+    if fmt == "int4" and head_dim < 32:
+        pytest.skip("int4 needs head_dim >= 32 (tl.dot's K of 16 over D/2 bytes)")
     q, k, v, ks, vs = _inputs(2, 8, 2, 150, head_dim, fmt, scales, torch.float16, seed=head_dim)
     lengths = torch.tensor([150, 41], dtype=torch.int64, device=DEVICE)
     out = kernels.decode_attention(q, k, v, ks, vs, lengths, head_dim ** -0.5, fmt, 2)
@@ -151,15 +164,17 @@ CONFIGS = [  # the tuner's block_n (and 16), both K loads; warps and stages are 
     da.KernelConfig(block_n=32, num_warps=2, num_stages=2, k_natural=True),
     da.KernelConfig(block_n=64, num_warps=8, num_stages=4, k_natural=False, norm_v_scale=False),
     da.KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=True),
+    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, fast_dequant=False),
+    da.KernelConfig(block_n=32, num_warps=4, num_stages=3, k_natural=True, norm_v_scale=False, fast_dequant=False),
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-@pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic"), ("fp8", "static")])
+@pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic"), ("fp8", "static"), ("fp8", "dynamic"),
+                                        ("int4", "dynamic")])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_decode_attention_configs(kernels, dtype, fmt, scales, config):
-    if dtype == torch.bfloat16 and not CUDA:
-        pytest.skip("Triton's interpreter computes bf16 tl.dot on raw uint16 storage: bf16 is checked on GPU")
+    _skip_bf16_on_cpu(dtype, fmt, config)
     q, k, v, ks, vs = _inputs(3, 8, 2, 300, 64, fmt, scales, dtype, seed=config.block_n)
     lengths = torch.tensor([300, 17, 190], dtype=torch.int32, device=DEVICE)
     out = torch.full_like(q, float("nan"))
@@ -197,10 +212,11 @@ def test_decode_attention_fp16_with_small_values(kernels, fmt, config):
 
 
 @pytest.mark.parametrize("impl", ["reference", "kernel"])
-@pytest.mark.parametrize("fmt,tol", [("int8", 8e-3), ("fp8", 3.5e-2)])
+@pytest.mark.parametrize("fmt,tol", [("int8", 8e-3), ("fp8", 3.5e-2), ("int4", 0.14)])
 def test_quantized_attention_close_to_dense(request, impl, fmt, tol):
     """Quantization error of the whole attention on random data: int8 measures 0.52-0.67% and fp8 ~2.6%;
-    a V scale off by 1/128 gives int8 0.82-0.90%, swapped K/V scales 10-28%."""
+    a V scale off by 1/128 gives int8 0.82-0.90%, swapped K/V scales 10-28%. int4 measures 11.9%; its V
+    scale off by 8/7 (qmax 8 for 7) gives 18.7%, swapped K/V scales 15.3%."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(4, 8, 64, generator=g)
     k, v = torch.randn(4, 2, 300, 64, generator=g), torch.randn(4, 2, 300, 64, generator=g)
@@ -236,21 +252,24 @@ def test_best_configs_ranks_configs_correct_at_every_batch_by_summed_time():
 def _junk(t: torch.Tensor, g: torch.Generator) -> None:
     """Fill t with random finite values, so that a write to the wrong place or a skipped write shows.
     Finite: Triton's interpreter round-trips whole tensors through numpy, which rewrites NaN payloads."""
-    if t.dtype == torch.int8:
-        t.copy_(torch.randint(-128, 128, t.shape, generator=g, dtype=torch.int8))
+    if t.dtype in (torch.int8, torch.uint8):
+        t.copy_(torch.randint(-128, 128, t.shape, generator=g, dtype=torch.int8).view(t.dtype))
     else:
         t.copy_(torch.randn(t.shape, generator=g) * 10)
 
 
+@pytest.mark.parametrize("n", [1, 3], ids=["decode", "prefill"])
 @pytest.mark.parametrize("pos_dtype", [torch.int32, torch.int64], ids=["pos32", "pos64"])
-@pytest.mark.parametrize("fmt,scales", CASES)
+@pytest.mark.parametrize("fmt,scales", ATTN_CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype):
+def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype, n):
+    """n = 1 passes [B, Hkv, D] (decode's call), n = 3 [B, Hkv, n, D] (prefill's), the last sequence ending
+    at the cache's end."""
     B, hkv, T, D = 3, 4, 10, 64
     g = torch.Generator().manual_seed(1)
-    k, v = (torch.randn(B, hkv, D, generator=g) * 3).to(dtype), torch.randn(B, hkv, D, generator=g).to(dtype)
-    k[0, 0, :5], k[1, 1], v[2, 0, :3] = -0.0, 0.0, -1e-5  # signed zeros, the amax clamp, tiny negatives
-    pos = torch.tensor([0, 5, T - 1])
+    k, v = (torch.randn(B, hkv, n, D, generator=g) * 3).to(dtype), torch.randn(B, hkv, n, D, generator=g).to(dtype)
+    k[0, 0, 0, :5], k[1, 1, -1], v[2, 0, 0, :3] = -0.0, 0.0, -1e-5  # signed zeros, the amax clamp, tiny negatives
+    pos = torch.tensor([0, 5, T - n])
     static = (torch.rand(1, hkv, generator=g) + 0.01, torch.rand(1, hkv, generator=g) + 0.01)
     if fmt == "dense":
         ref = KVCache(1, B, hkv, T, D, dtype, "cpu")
@@ -260,23 +279,25 @@ def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype):
         _junk(t, g)
     mine = [t.clone().to(DEVICE) for t in (ref.k[0], ref.v[0])]
     mine += [None, None] if fmt == "dense" else [ref.k_scale[0].clone().to(DEVICE), ref.v_scale[0].clone().to(DEVICE)]
-    ref.write(0, k[:, :, None], v[:, :, None], pos)  # the torch path: fused_write is off
-    kernels.write_kv(k.to(DEVICE), v.to(DEVICE), *mine, pos.to(pos_dtype).to(DEVICE), fmt)
+    ref.write(0, k, v, pos)  # the torch path: fused_write is off
+    k_in, v_in = (k[:, :, 0], v[:, :, 0]) if n == 1 else (k, v)
+    kernels.write_kv(k_in.to(DEVICE), v_in.to(DEVICE), *mine, pos.to(pos_dtype).to(DEVICE), fmt)
     expected = [ref.k[0], ref.v[0]] + ([] if fmt == "dense" else [ref.k_scale[0], ref.v_scale[0]])
     for got, want in zip(mine, expected):
         assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.75])
-@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
 def test_write_kv_rounding_is_exact_for_every_bf16_value(kernels, fmt, scale):
-    """Every bfloat16 in [-480, 480] through a static scale: scale 1 lands on every rounding tie of both
-    formats (k + 0.5 for int8, midpoints between e4m3 values, subnormals); 0.75 exercises the division."""
+    """Every bfloat16 in [-480, 480] through a static scale: scale 1 lands on every rounding tie of the
+    formats (k + 0.5 for int8 and int4, midpoints between e4m3 values, subnormals) and on int4's clamp to
+    [-8, 7]; 0.75 exercises the division."""
     values = torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     values = values[values.float().abs() <= 480]
     x = torch.cat([values, values[: (-values.numel()) % 256]]).view(-1, 1, 256)  # [rows, Hkv=1, D=256]
     s = torch.full((1,), scale)
-    cache = torch.zeros(x.shape[0], 1, 2, 256, dtype=FORMATS[fmt].storage, device=DEVICE)
+    cache = torch.zeros(x.shape[0], 1, 2, 128 if FORMATS[fmt].packed else 256, dtype=FORMATS[fmt].storage, device=DEVICE)
     pos = torch.ones(x.shape[0], dtype=torch.int64, device=DEVICE)
     kernels.write_kv(x.to(DEVICE), x.to(DEVICE), cache, cache.clone(), s.to(DEVICE), s.to(DEVICE), pos, fmt)
     want = quantize(x, s[None, :], FORMATS[fmt])
@@ -363,8 +384,8 @@ def test_bench_decode_attention_checks_every_method(kernels):
     from kvexp.bench.kernels import bench_decode_attention
 
     rows = bench_decode_attention(batch_sizes=(2,), lengths=(1000,), hq=8, hkv=2, d=64)
-    assert {r["method"] for r in rows} == {"sdpa_gqa", "sdpa_expand", "sdpa_int8_dequant",
-                                           "kernel_dense", "kernel_int8", "kernel_fp8"}
+    assert {r["method"] for r in rows} == {"sdpa_gqa", "sdpa_expand", "sdpa_int8_dequant", "kernel_dense",
+                                           *(f"kernel_{f}{s}" for f in ("int8", "fp8", "int4") for s in ("", "_cvt"))}
     assert all(r["correct"] and r["time_us"] > 0 and r["gbps"] > 0 for r in rows), rows
     assert all(r["config"] for r in rows if r["method"].startswith("kernel_")), rows
 
@@ -383,3 +404,15 @@ def test_tune_decode_attention_on_a_small_grid(kernels, monkeypatch):
     assert all(r["correct"] and r["error"] is None for r in rows), [r for r in rows if not r["correct"]]
     best = bench.best_configs(rows)
     assert set(best) == {"dense", "int8", "fp8"} and all(c.block_n == 64 for c in best.values())
+
+
+def test_sweep_summary_fits_slopes_and_break_even():
+    from kvexp.bench.kernels import SWEEP_LENGTHS, sweep_summary
+
+    rows = [dict(hq=32, hkv=8, head_dim=64, batch=8, seq_len=t, method=m, time_us=a + b * t / 1000)
+            for t in SWEEP_LENGTHS for m, a, b in (("sdpa_gqa", 5, 4), ("kernel_int8", 9, 2), ("kernel_fp8", 2, 5))]
+    got = {r["method"]: r for r in sweep_summary(rows)}
+    assert got["kernel_int8"]["slope_us_per_1k"] == pytest.approx(2) and got["kernel_int8"]["slope_vs_baseline"] == 0.5
+    assert got["kernel_int8"]["break_even_tokens"] == pytest.approx(2000)  # 9 + 2x = 5 + 4x at x = 2k tokens
+    assert got["kernel_int8"]["first_faster_measured"] == 2048
+    assert got["kernel_fp8"]["break_even_tokens"] is None  # faster at first, slower past 3k: never breaks even

@@ -133,3 +133,33 @@ def test_kv_faithful_scoring_sees_the_quantized_cache():
     d8 = (scores["int8kv"][1] - fp_faithful).abs().mean()
     d4 = (scores["int4kv"][1] - fp_faithful).abs().mean()
     assert d4 > 3 * d8  # and coarser formats move scores more
+
+
+@pytest.mark.parametrize("fmt,static", [("dense", False), ("int8", False), ("int8", True), ("fp8", False),
+                                        ("fp8", True), ("int4", False), ("int4", True)])
+def test_fused_prefill_write_is_bit_exact(fmt, static):
+    """A prefill (n = 7 tokens, ragged start positions) through fused_write=True (the Triton kernel; CPU: its
+    interpreter) stores the same bits as the torch path."""
+    pytest.importorskip("triton")
+    from kvexp.core.kernels import decode_attention as da
+
+    if not torch.cuda.is_available() and type(da._split_kernel).__name__ != "InterpretedFunction":
+        pytest.skip("needs CUDA or Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(7)
+    B, hkv, T, D, n = 2, 2, 16, 64, 7
+    k, v = (torch.randn(B, hkv, n, D, generator=g).to(torch.bfloat16).to(device) for _ in range(2))
+    pos = torch.tensor([0, T - n], device=device)
+    scales = (torch.rand(1, hkv, generator=g) + 0.01, torch.rand(1, hkv, generator=g) + 0.01) if static else None
+
+    def cache(fused: bool):
+        args = (1, B, hkv, T, D, torch.bfloat16, device)
+        if fmt == "dense":
+            return KVCache(*args, fused_write=fused)
+        return QuantizedKVCache(*args, fmt=FORMATS[fmt], static_scales=scales, fused_write=fused)
+
+    torch_path, fused = cache(False), cache(True)
+    torch_path.write(0, k, v, pos)
+    fused.write(0, k, v, pos)
+    for want, got in zip(torch_path.tensors(), fused.tensors()):
+        assert torch.equal(want.view(torch.uint8), got.view(torch.uint8))

@@ -1,5 +1,9 @@
-"""Decode-attention microbenchmark and launch-config tuner on CUDA: torch SDPA, the naive int8 dequantize +
-SDPA path and the kvexp Triton kernel over dense / int8 / fp8 caches, at the shape of one ~1B Llama decode step.
+"""Decode-attention microbenchmark, context sweep and launch-config tuner on CUDA: torch SDPA, the naive int8
+dequantize + SDPA path and the kvexp Triton kernel over dense / int8 / fp8 / int4 caches (quantized ones
+both with the fast bit-arithmetic dequantization and with plain conversions, "_cvt"), at the head layouts
+of SHAPES.
+
+    python -m kvexp.bench.kernels [--quick] [--sweep] [--json FILE]
 
 Every method is timed as the engine runs it, inside a CUDA graph (triton.testing.do_bench_cudagraph's
 median), so Python launch overhead is not counted. Graph replays do not flush L2 (50-60 MB on H100/H200):
@@ -30,6 +34,10 @@ REL_TOL = 1e-2  # ||out - ref|| / ||ref||: bf16 output rounding plus bf16 probab
 COLD_BYTES = 200e6  # ~4x L2: what one graph walks between two reads of the same input, so they come from HBM
 MAX_COPIES = 64  # bounds the inputs built for tiny cases, which then sit partly in L2
 REP_MS = 20  # length of do_bench_cudagraph's timed graph (its default)
+FORMATS_BENCHED = ("dense", "int8", "fp8", "int4")
+SHAPES = {"llama-3.2-1b": (32, 8, 64), "qwen2.5-1.5b": (12, 2, 128)}  # (Hq, Hkv, D) of each model
+SWEEP_LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
+SWEEP_METHODS = ("sdpa_gqa", "kernel_dense", "kernel_int8", "kernel_fp8", "kernel_int4")
 # Tuner grid, swept in stages (see tune_decode_attention).
 GRID = dict(k_natural=(False, True), block_n=(32, 64, 128), num_warps=(2, 4, 8))
 GRID_STAGES, STAGE_ALTERNATIVES, STAGE_TOP = 3, (2, 4), 3
@@ -53,7 +61,7 @@ def _copies(nbytes: int) -> int:
 
 def _input_set(batch: int, seq_len: int, hq: int, hkv: int, d: int, dtype: torch.dtype, fmts, seed: int):
     """Random q [B, Hq, D] and {fmt: (k, v, k_scale, v_scale)} for each fmt: dense K/V or their dynamic
-    int8 / fp8 quantization."""
+    int8 / fp8 / int4 quantization."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     q = torch.randn(batch, hq, d, device="cuda", dtype=dtype, generator=gen)
     k, v = (torch.randn(batch, hkv, seq_len, d, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
@@ -92,9 +100,12 @@ def _methods(q: torch.Tensor, caches: dict, lengths: torch.Tensor, sm_scale: flo
         "sdpa_int8_dequant": _Method("int8", sdpa_int8_dequant, _nbytes(ki, vi, ksi, vsi) + io),
     }
     for fmt, cache in caches.items():
-        out = torch.empty_like(q)
-        methods[f"kernel_{fmt}"] = _Method(fmt, _kernel_call(q, cache, lengths, sm_scale, fmt, out),
-                                           _nbytes(*cache) + io, out)
+        base = default_config(fmt, q.shape[-1])
+        for suffix, config in ((("", base),) if fmt == "dense" else
+                               (("", base), ("_cvt", dataclasses.replace(base, fast_dequant=False)))):
+            out = torch.empty_like(q)
+            methods[f"kernel_{fmt}{suffix}"] = _Method(fmt, _kernel_call(q, cache, lengths, sm_scale, fmt, out, config),
+                                                       _nbytes(*cache) + io, out)
     return methods
 
 
@@ -130,10 +141,12 @@ def _shape(batch: int, seq_len: int, hq: int, hkv: int, d: int, dtype: torch.dty
     return dict(batch=batch, seq_len=seq_len, hq=hq, hkv=hkv, head_dim=d, dtype=str(dtype).removeprefix("torch."))
 
 
-def _bench_case(batch: int, seq_len: int, hq: int, hkv: int, d: int, dtype: torch.dtype) -> list[dict]:
-    """Every method at one (batch, seq_len). All sequences use the full seq_len so every method does the
-    same work: SDPA has no ragged lengths without an attn_mask, which would rule out its flash kernel."""
-    seed, fmts = batch * 1_000_003 + seq_len, ("dense", "int8", "fp8")
+def _bench_case(batch: int, seq_len: int, hq: int, hkv: int, d: int, dtype: torch.dtype,
+                names: Optional[tuple[str, ...]] = None) -> list[dict]:
+    """Every method (or those in names) at one (batch, seq_len). All sequences use the full seq_len so every
+    method does the same work: SDPA has no ragged lengths without an attn_mask, which would rule out its
+    flash kernel."""
+    seed, fmts = batch * 1_000_003 + seq_len, FORMATS_BENCHED
     lengths = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
     sm_scale = d ** -0.5
     q, caches = _input_set(batch, seq_len, hq, hkv, d, dtype, fmts, seed)
@@ -144,11 +157,19 @@ def _bench_case(batch: int, seq_len: int, hq: int, hkv: int, d: int, dtype: torc
                 for i in range(1, n_sets)]
     rows = []
     for name, method in per_set[0].items():
+        if names is not None and name not in names:
+            continue
         fns = [methods[name].fn for methods in per_set[:_copies(method.nbytes)]]
-        row = dict(_shape(batch, seq_len, hq, hkv, d, dtype), method=name, **_measure(method, fns, refs[method.fmt]))
+        try:
+            measured = _measure(method, fns, refs[method.fmt])
+        except Exception as e:  # a variant that fails to compile or launch: its row says why, the others still run
+            measured = dict(kv_format=method.fmt, time_us=None, bytes=method.nbytes, gbps=None, rel_err=None,
+                            correct=False, error=f"{type(e).__name__}: {e}"[:300])
+        row = dict(_shape(batch, seq_len, hq, hkv, d, dtype), method=name, **measured)
         if name.startswith("kernel_"):
-            row.update(num_splits=default_num_splits(batch, hkv, seq_len, q.device),
-                       config=str(default_config(method.fmt, d)))
+            config = default_config(method.fmt, d)
+            config = dataclasses.replace(config, fast_dequant=False) if name.endswith("_cvt") else config
+            row.update(num_splits=default_num_splits(batch, hkv, seq_len, q.device), config=str(config))
         rows.append(row)
     return rows
 
@@ -159,8 +180,8 @@ def bench_decode_attention(batch_sizes=(1, 8, 16), lengths=(4096, 32768), hq: in
 
     Methods: sdpa_gqa (F.scaled_dot_product_attention with enable_gqa=True, the production baseline),
     sdpa_expand (K/V repeated to Hq heads, for reference), sdpa_int8_dequant (kv.dequantize then SDPA), and
-    kernel_dense / kernel_int8 / kernel_fp8 (kvexp.core.kernels.decode_attention, dynamic per-token scales, the
-    default config). Returns one dict per (case, method): batch, seq_len, hq, hkv, head_dim, dtype, method,
+    kernel_dense / kernel_int8 / kernel_fp8 / kernel_int4 (kvexp.core.kernels.decode_attention, dynamic
+    per-token scales, the default config) and kernel_<fmt>_cvt (the same with fast_dequant=False). Returns one dict per (case, method): batch, seq_len, hq, hkv, head_dim, dtype, method,
     kv_format, time_us (median per call, CUDA graph), bytes (minimum moved), gbps (bytes / time), rel_err
     (vs decode_attention_ref), correct (rel_err < REL_TOL), and num_splits and config for the kernel rows.
     """
@@ -261,3 +282,152 @@ def best_configs(rows: list[dict]) -> dict[str, KernelConfig]:
     sizes among those correct at all of them (a format with none is left out)."""
     fmts = dict.fromkeys(row["kv_format"] for row in rows)
     return {fmt: ranked[0] for fmt in fmts if (ranked := _ranked(rows, fmt))}
+
+
+def context_sweep(hq: int, hkv: int, d: int, batch_sizes=(1, 8), lengths=SWEEP_LENGTHS, names=SWEEP_METHODS,
+                  dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """Decode attention time per step against context length: bench_decode_attention's rows for names only."""
+    rows = []
+    for batch in batch_sizes:
+        for seq_len in lengths:
+            rows += _bench_case(batch, seq_len, hq, hkv, d, dtype, names)
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares (intercept us, slope us per token) of time against context length."""
+    n = len(points)
+    mx, my = sum(t for t, _ in points) / n, sum(y for _, y in points) / n
+    slope = sum((t - mx) * (y - my) for t, y in points) / max(sum((t - mx) ** 2 for t, _ in points), 1e-30)
+    return my - slope * mx, slope
+
+
+def sweep_summary(rows: list[dict], baseline: str = "sdpa_gqa") -> list[dict]:
+    """Per (head layout, batch, method) of context_sweep's rows: the slope of time per step in us per 1k
+    tokens of context, that slope over the baseline's (bf16 SDPA), and the break-even context as vLLM
+    reports it: where the fitted lines cross, the context past which the method is faster than the
+    baseline (0 when it is faster at every context, None when its line never gets below the baseline's);
+    also the shortest measured context at which it was faster."""
+    series: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
+    for r in rows:
+        if r["time_us"] is None:
+            continue
+        series[(r["hq"], r["hkv"], r["head_dim"], r["batch"], r["method"])].append((r["seq_len"], r["time_us"]))
+    out = []
+    for (hq, hkv, d, batch, method), points in series.items():
+        ref = dict(series.get((hq, hkv, d, batch, baseline), ()))
+        (a, b), (a0, b0) = _fit(points), _fit(sorted(ref.items()))
+        if a < a0:
+            cross = 0.0 if b <= b0 else None  # faster from the start (and stays so when its slope is no steeper)
+        else:
+            cross = (a - a0) / (b0 - b) if b < b0 else None
+        faster = [t for t, y in sorted(points) if t in ref and y < ref[t]]
+        out.append(dict(hq=hq, hkv=hkv, head_dim=d, batch=batch, method=method, slope_us_per_1k=b * 1e3,
+                        slope_vs_baseline=b / b0 if b0 else None, intercept_us=a,
+                        break_even_tokens=cross, first_faster_measured=faster[0] if faster else None))
+    return out
+
+
+def _print_table(rows: list[dict], cols: list[str]) -> None:
+    text = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    cells = [[text(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("\n".join(["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+                    + ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]), flush=True)
+
+
+def with_ratios(rows: list[dict], baseline: str = "sdpa_gqa") -> list[dict]:
+    """rows plus vs_sdpa: the baseline's time over the method's, within each (shape, batch, seq_len)."""
+    key = lambda r: (r["hq"], r["hkv"], r["head_dim"], r["batch"], r["seq_len"])
+    ref = {key(r): r["time_us"] for r in rows if r["method"] == baseline}
+    return [dict(r, vs_sdpa=ref[key(r)] / r["time_us"] if ref.get(key(r)) and r["time_us"] else None) for r in rows]
+
+
+def prefill_write_times(layers: int = 16, batch: int = 1, n: int = 512, hkv: int = 8, d: int = 64,
+                        dtype: torch.dtype = torch.bfloat16) -> list[dict]:
+    """What one prefill's cache writes cost (n tokens per sequence into every layer), per cache class and
+    write path: median ms over CUDA-event-timed repeats, eager as the engine's prefill runs them."""
+    from kvexp.core.kv import KVCache, QuantizedKVCache
+
+    kv = [torch.randn(batch, hkv, n, d, device="cuda", dtype=dtype) for _ in range(2)]
+    pos = torch.zeros(batch, dtype=torch.int64, device="cuda")
+    rows = []
+    for fmt in ("dense", "int8", "fp8", "int4"):
+        for fused in (False, True):
+            args = (layers, batch, hkv, n, d, dtype, "cuda")
+            cache = KVCache(*args, fused_write=fused) if fmt == "dense" else \
+                QuantizedKVCache(*args, fmt=FORMATS[fmt], fused_write=fused)
+            times = []
+            for _ in range(12):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for layer in range(layers):
+                    cache.write(layer, *kv, pos)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            rows.append(dict(kv_format=fmt, fused=fused, layers=layers, batch=batch, tokens=n,
+                             ms=sorted(times[2:])[len(times[2:]) // 2]))
+    return rows
+
+
+def profile_target(fmt: str, model: str, batch: int, seq_len: int, calls: int = 3) -> None:
+    """Run the kernel over fmt a few times at one shape: the process to put under ncu."""
+    hq, hkv, d = SHAPES[model]
+    lengths = torch.full((batch,), seq_len, dtype=torch.int32, device="cuda")
+    q, caches = _input_set(batch, seq_len, hq, hkv, d, torch.bfloat16, (fmt,), 0)
+    for _ in range(calls):
+        decode_attention(q, *caches[fmt], lengths, d ** -0.5, fmt)
+    torch.cuda.synchronize()
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Both head layouts of SHAPES: every method at B 1/8 x T 4k/32k, then (--sweep) the context sweep."""
+    import argparse
+    import json
+    import pathlib
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="batch 8 and T 32k only in the table")
+    ap.add_argument("--sweep", action="store_true", help="also the context sweep (1k..32k, batch 1 and 8)")
+    ap.add_argument("--json", type=pathlib.Path, help="also write every row here")
+    ap.add_argument("--prefill-write", action="store_true", help="also time one prefill's cache writes")
+    ap.add_argument("--profile-target", nargs=4, metavar=("FMT", "MODEL", "BATCH", "SEQ_LEN"),
+                    help="only run the kernel at one shape (for ncu) and exit")
+    args = ap.parse_args(argv)
+    if args.profile_target:
+        fmt, model, batch, seq_len = args.profile_target
+        profile_target(fmt, model, int(batch), int(seq_len))
+        return {}
+    result: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    save = lambda: args.json and args.json.write_text(json.dumps(result, indent=1))  # after each part: partial runs count
+    table, sweep = [], []
+    for name, (hq, hkv, d) in SHAPES.items():
+        table += [dict(r, model=name) for r in bench_decode_attention(
+            (8,) if args.quick else (1, 8), (32768,) if args.quick else (4096, 32768), hq, hkv, d)]
+        result["attention"] = with_ratios(table)
+        save()
+    if args.prefill_write:
+        result["prefill_write"] = prefill_write_times()
+        save()
+        _print_table(result["prefill_write"], list(result["prefill_write"][0]))
+    if args.sweep:
+        for name, (hq, hkv, d) in SHAPES.items():
+            sweep += [dict(r, model=name) for r in context_sweep(hq, hkv, d)]
+            result["sweep"] = sweep
+            save()
+    _print_table(result["attention"], ["model", "batch", "seq_len", "method", "time_us", "vs_sdpa", "gbps",
+                                       "rel_err", "correct", "num_splits", "config"])
+    if sweep:
+        result["sweep_summary"] = sweep_summary(sweep)
+        _print_table(result["sweep_summary"], ["hq", "hkv", "head_dim", "batch", "method", "slope_us_per_1k",
+                                               "slope_vs_baseline", "intercept_us", "break_even_tokens",
+                                               "first_faster_measured"])
+    save()
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -67,8 +67,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: KVFormat, dtype: torch
 class KVCache:
     """Static, dense cache in the model dtype: what fp16/bf16 serving reads.
 
-    fused_write: decode writes (one token per sequence) go through the fused Triton quantize-and-store kernel
-    (kvexp.core.kernels.kv_write), one launch per layer instead of ~10 small ones; same values as the torch path.
+    fused_write: writes (decode's one token and prefill's n per sequence) go through the fused Triton
+    quantize-and-store kernel (kvexp.core.kernels.kv_write), one launch per layer instead of ~10 small ones
+    (issue 13: at 512 prompt tokens those made int8kv's TTFT 1.6x fp16's); same bits as the torch path.
     """
     fmt_name = "dense"
 
@@ -96,12 +97,12 @@ class KVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """k, v [B, Hkv, n, D] written at positions pos[b] .. pos[b]+n-1 of each sequence."""
-        if self.fused_write and k.shape[2] == 1:
+        if self.fused_write:
             from kvexp.core.kernels.kv_write import write_kv
 
-            # one fresh [2, B, Hkv, D] tensor: k and v get identical strides (compiled ops may give size-1 dims
+            # one fresh [2, B, Hkv, n, D] tensor: k and v get identical strides (compiled ops may give size-1 dims
             # of otherwise contiguous tensors any stride, and the kernel shares one set of strides)
-            kv = torch.stack((k[:, :, 0], v[:, :, 0]))
+            kv = torch.stack((k, v))
             write_kv(kv[0], kv[1], self.k[layer], self.v[layer], *self.scales(layer), pos, self.fmt_name)
             return
         self._write(layer, k, v, pos)

@@ -1,5 +1,5 @@
-"""Triton kernels for the decode hot path: split-KV attention over dense/int8/fp8 caches and the fused
-quantize-and-store of each new token. Every kernel has a pure-PyTorch reference beside it with the same
+"""Triton kernels for the decode hot path: split-KV attention over dense/int8/fp8/int4 caches and the fused
+quantize-and-store of new tokens (decode and prefill). Every kernel has a pure-PyTorch reference beside it with the same
 signature, which is also the CPU path.
 
 Triton is optional: without it the references still import (the kernel modules decorate their kernels

@@ -1,6 +1,7 @@
-"""Fused quantize-and-store of the one new token per sequence that each decode step appends to the cache.
+"""Fused quantize-and-store of the new tokens of every sequence: the one token a decode step appends, or
+the n tokens of a prefill.
 
-One launch writes K and V of every (sequence, kv head): dynamic formats compute the per-(token, head)
+One launch writes K and V of every (sequence, kv head, token): dynamic formats compute the per-(token, head)
 scale amax / qmax, round it to the stored bfloat16 and quantize with that stored value, exactly as
 kvexp.core.kv.QuantizedKVCache.write does (the reference these kernels are tested bit-exact against).
 
@@ -24,8 +25,9 @@ try:
 except ImportError:  # CPU-only install: keep this module importable, calls fail with how to install
     from kvexp.core.kernels import _MissingTriton as triton, _MissingTriton as tl
 
-KERNEL_FORMATS = ("dense", "int8", "fp8")
+KERNEL_FORMATS = ("dense", "int8", "fp8", "int4")  # what write_kv stores and decode_attention reads
 MODEL_DTYPES = (torch.float16, torch.bfloat16)
+FMT_CODES = {"dense": 0, "int8": 1, "fp8": 2, "int4": 3}  # the kernels' FMT constexpr
 # Scale layouts, told apart by ndim: none (dense), dynamic [B, Hkv, Tmax] bf16, static [Hkv] fp32.
 NO_SCALE, DYNAMIC, STATIC = 0, 1, 2
 
@@ -64,9 +66,10 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _quantize_store(src, src_off, dst, dst_off, scale_ptr, scale_off, IS_FP8: tl.constexpr,
-                    QMAX: tl.constexpr, SCALES: tl.constexpr):
-    """Quantize the [D] vector at src + src_off into dst + dst_off; dynamic: also store its scale."""
+def _quantize_store(src, src_off, dst, dst_off, scale_ptr, scale_off, FMT: tl.constexpr,
+                    QMAX: tl.constexpr, SCALES: tl.constexpr, D: tl.constexpr):
+    """Quantize the [D] vector at src + src_off into dst + dst_off ([D], int4: [D/2] bytes); dynamic: also
+    store its scale. FMT: 1 int8, 2 fp8, 3 int4 (codes q + 8 in [0, 15], two per byte, low nibble first)."""
     x = tl.load(src + src_off).to(tl.float32)
     if SCALES == 1:
         amax = tl.maximum(tl.max(tl.abs(x), 0), 1e-6)
@@ -75,33 +78,38 @@ def _quantize_store(src, src_off, dst, dst_off, scale_ptr, scale_off, IS_FP8: tl
     else:
         scale = tl.load(scale_ptr + scale_off)
     y = tl.div_rn(x, tl.zeros_like(x) + scale)
-    if IS_FP8:
+    if FMT == 2:
         y = _round_to_e4m3(tl.minimum(tl.maximum(y, -QMAX), QMAX))
         tl.store(dst + dst_off, y.to(tl.float8e4nv))
-    else:
+    elif FMT == 1:
         y = tl.minimum(tl.maximum(_round_half_even(y), -QMAX), QMAX)
         tl.store(dst + dst_off, y.to(tl.int8))
+    else:  # int4 takes -8 too, as kvexp.core.kv.quantize does
+        codes = (tl.minimum(tl.maximum(_round_half_even(y), -QMAX - 1.0), QMAX) + 8.0).to(tl.int32)
+        lo, hi = tl.split(tl.reshape(codes, [D // 2, 2]))
+        tl.store(dst + dst_off, (lo | (hi << 4)).to(tl.uint8))
 
 
 @triton.jit
 def _write_kv_kernel(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
-                     s_nb, s_nh, s_nd, s_cb, s_ch, s_ct, s_cd, s_sb, s_sh, s_st,
-                     D: tl.constexpr, SCALES: tl.constexpr, IS_FP8: tl.constexpr, QMAX: tl.constexpr):
-    """Grid (B, Hkv): one program stores K and V of one (sequence, kv head) at cache position pos[b].
-    k_new/v_new share strides s_n*, k_cache/v_cache share s_c*, dynamic k_scale/v_scale share s_s*."""
+                     s_nb, s_nh, s_nt, s_nd, s_cb, s_ch, s_ct, s_cd, s_sb, s_sh, s_st,
+                     D: tl.constexpr, SCALES: tl.constexpr, FMT: tl.constexpr, QMAX: tl.constexpr):
+    """Grid (B, Hkv, n): one program stores K and V of one (sequence, kv head) new token i at cache position
+    pos[b] + i. k_new/v_new share strides s_n*, k_cache/v_cache share s_c*, dynamic k_scale/v_scale share s_s*."""
     b = tl.program_id(0).to(tl.int64)  # int64: cache offsets pass 2^31 at long context
     h = tl.program_id(1).to(tl.int64)
-    t = tl.load(pos + b).to(tl.int64)
+    i = tl.program_id(2).to(tl.int64)
+    t = tl.load(pos + b).to(tl.int64) + i
     d = tl.arange(0, D)
-    src = b * s_nb + h * s_nh + d * s_nd
-    dst = b * s_cb + h * s_ch + t * s_ct + d * s_cd
+    src = b * s_nb + h * s_nh + i * s_nt + d * s_nd
+    dst = b * s_cb + h * s_ch + t * s_ct + (tl.arange(0, D // 2) if FMT == 3 else d) * s_cd
     if SCALES == 0:
         tl.store(k_cache + dst, tl.load(k_new + src))
         tl.store(v_cache + dst, tl.load(v_new + src))
     else:
         scale_off = b * s_sb + h * s_sh + t * s_st  # static scales come with s_sb = s_st = 0
-        _quantize_store(k_new, src, k_cache, dst, k_scale, scale_off, IS_FP8, QMAX, SCALES)
-        _quantize_store(v_new, src, v_cache, dst, v_scale, scale_off, IS_FP8, QMAX, SCALES)
+        _quantize_store(k_new, src, k_cache, dst, k_scale, scale_off, FMT, QMAX, SCALES, D)
+        _quantize_store(v_new, src, v_cache, dst, v_scale, scale_off, FMT, QMAX, SCALES, D)
 
 
 def scale_mode(fmt: str, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], hkv: int) -> int:
@@ -133,28 +141,33 @@ def scale_strides(mode: int, k_scale: Optional[torch.Tensor]) -> tuple[int, int,
 
 def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], pos: torch.Tensor, fmt: str) -> None:
-    """Quantize and store one new token per sequence, in place, in one launch (CUDA-graph capturable).
+    """Quantize and store n new tokens per sequence, in place, in one launch (CUDA-graph capturable).
 
-    k_new, v_new: [B, Hkv, D] float16/bfloat16 (the model dtype; dense caches must have the same dtype).
-    k_cache, v_cache: [B, Hkv, Tmax, D] of one layer: the model dtype ("dense"), int8 or float8_e4m3fn.
+    k_new, v_new: [B, Hkv, D] (one token) or [B, Hkv, n, D], float16/bfloat16 (the model dtype; dense
+        caches must have the same dtype); token i goes to position pos[b] + i.
+    k_cache, v_cache: [B, Hkv, Tmax, D] of one layer: the model dtype ("dense"), int8 or float8_e4m3fn;
+        int4: [B, Hkv, Tmax, D/2] uint8 (kvexp.core.kv's packing).
     k_scale, v_scale: None ("dense"), dynamic [B, Hkv, Tmax] bfloat16 (written here at pos), or static
-        [Hkv] float32 (read only). pos: [B] int32/int64 device tensor, the cache position to write.
-    Same values as kvexp.core.kv.KVCache.write / QuantizedKVCache.write with n = 1.
+        [Hkv] float32 (read only). pos: [B] int32/int64 device tensor, the first cache position to write.
+    Same values as kvexp.core.kv.KVCache._write / QuantizedKVCache._write (the torch path).
     """
     mode = scale_mode(fmt, k_scale, v_scale, k_cache.shape[1])
-    B, hkv, D = k_new.shape
+    if k_new.ndim == 3:
+        k_new, v_new = k_new[:, :, None], v_new[:, :, None]
+    B, hkv, n, D = k_new.shape
     if k_new.dtype not in MODEL_DTYPES or k_new.shape != v_new.shape or k_new.stride() != v_new.stride():
-        raise ValueError(f"k_new/v_new must be [B, Hkv, D] float16/bfloat16 of one layout, got {k_new.dtype}")
+        raise ValueError(f"k_new/v_new must be [B, Hkv, (n,) D] float16/bfloat16 of one layout, got {k_new.dtype}")
     storage = k_new.dtype if fmt == "dense" else FORMATS[fmt].storage
     if k_cache.dtype != storage or v_cache.dtype != storage or k_cache.stride() != v_cache.stride():
         raise ValueError(f"fmt {fmt!r} with {k_new.dtype} inputs needs {storage} caches of one layout")
-    if tuple(k_cache.shape[:2]) != (B, hkv) or k_cache.shape[3] != D or D & (D - 1) or pos.shape != (B,):
+    width = D // 2 if fmt == "int4" else D
+    if tuple(k_cache.shape[:2]) != (B, hkv) or k_cache.shape[3] != width or D & (D - 1) or D < 2 or pos.shape != (B,):
         raise ValueError(f"shapes: k_new {tuple(k_new.shape)}, k_cache {tuple(k_cache.shape)}, pos {tuple(pos.shape)}"
-                         " must be [B, Hkv, D], [B, Hkv, Tmax, D] (D a power of two), [B]")
+                         " must be [B, Hkv, (n,) D], [B, Hkv, Tmax, D] (int4: D/2; D a power of two), [B]")
     require_triton(triton, k_new, _write_kv_kernel)
-    _write_kv_kernel[(B, hkv)](
+    _write_kv_kernel[(B, hkv, n)](
         k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
         *k_new.stride(), *k_cache.stride(), *scale_strides(mode, k_scale),
-        D=D, SCALES=mode, IS_FP8=fmt == "fp8", QMAX=FORMATS[fmt].qmax if mode else 0.0,
+        D=D, SCALES=mode, FMT=FMT_CODES[fmt], QMAX=FORMATS[fmt].qmax if mode else 0.0,
         num_warps=1 if D <= 128 else 2)
 
