@@ -11,6 +11,8 @@ from pathlib import Path
 
 from kvexp.config import RunSpec, validate
 from kvexp.errors import ConfigError
+from kvexp.quant.calib import check_calib, needs_calib
+from kvexp.secrets import check_uri
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -112,4 +114,7 @@ def plan(argv: list[str]) -> Plan:
     stores = {(s.cfg.tracking.uri, s.cfg.tracking.experiment) for s in specs}
     if len(stores) > 1:
         raise ConfigError("tracking.uri / tracking.experiment: must be the same for every job of one sweep")
+    check_uri(specs[0].cfg.tracking.uri)
+    for calib in {s.cfg.quant.calib.dataset: s.cfg.quant.calib for s in specs if needs_calib(s.cfg.quant)}.values():
+        check_calib(calib)  # only where a job calibrates: an fp16 run never reads the file
     return Plan(multirun=multirun, specs=specs, overrides=[list(j) for j in jobs])
