@@ -18,6 +18,7 @@ import re
 import socket
 import subprocess
 import tempfile
+import time
 import traceback
 import uuid
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ FIRST_CONTACT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUES
 # MLflow's cap on one search. Its default, 1000, would silently drop the newest runs of a bigger store: searches
 # are ordered oldest first.
 SEARCH_MAX = 50_000
+CLAIM_SETTLE_S = 1.0  # a claim through a server: the least time a new run waits for rivals created with it (claim)
 
 # SQLAlchemy databases (a sqlite file by default), a tracking server, Databricks, and MLflow's file store (a file://
 # URI or a plain path, which MLflow >= 3.13 refuses itself unless MLFLOW_ALLOW_FILE_STORE=true: FACTS.md).
@@ -253,7 +255,8 @@ class Tracker:
 
         Atomic across processes. A local store: the look-up and the new run happen under the store's lock. A
         server, which has no lock: each process creates its run first, then the earliest holder wins (the same
-        answer in every process) and the others back off (_back_off)."""
+        answer in every process, once runs created at about the same moment have all arrived: CLAIM_SETTLE_S) and
+        the others back off (_back_off)."""
         tags = tags | {TAG + "config_hash": config_hash}
         if self.local:
             self.prepare()  # outside the lock: prepare() takes it too
@@ -262,12 +265,17 @@ class Tracker:
                 return Claim(holder=holder) if holder else Claim(self.start_run(name, tags, parent))
         if not force and (holder := self.find_finished(config_hash)) is not None:
             return Claim(holder=holder)  # the common skip, without a run created and deleted for it
+        started = time.monotonic()
         run_id = self.start_run(name, tags, parent)
-        holder = self._holder(config_hash, force, mine=run_id)
-        if holder.info.run_id == run_id:
-            return Claim(run_id)
-        self._back_off(run_id, holder)
-        return Claim(holder=holder)
+        # A rival's run may carry an earlier start time (its client's clock) yet reach the server after this look-up:
+        # look again once such a run has had time to arrive, as long as a few of this run's creation round trips.
+        for settle in (0.0, max(CLAIM_SETTLE_S, 4 * (time.monotonic() - started))):
+            time.sleep(settle)
+            holder = self._holder(config_hash, force, mine=run_id)
+            if holder.info.run_id != run_id:
+                self._back_off(run_id, holder)
+                return Claim(holder=holder)
+        return Claim(run_id)
 
     def _holder(self, config_hash: str, force: bool, mine: Optional[str] = None):
         """The earliest run that holds config_hash (RUNNING in a live process, or FINISHED unless force), or None.
@@ -296,8 +304,6 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i:i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
