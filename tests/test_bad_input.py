@@ -124,12 +124,31 @@ def copied_store(cwd):
     shutil.copytree(original / "mlruns", cwd / "mlruns")
 
 
+def garbage_db(cwd):
+    (cwd / "mlruns").mkdir()
+    (cwd / "mlruns" / "mlflow.db").write_bytes(bytes(range(256)) * 16)
+
+
+def half_db(cwd):
+    """A store cut in half (a copy that stopped)."""
+    tracker = Tracker(f"sqlite:///{cwd}/mlruns/mlflow.db", "kvexp")
+    tracker.end(tracker.start_run("r", {}), "FINISHED")
+    db = cwd / "mlruns" / "mlflow.db"
+    db.write_bytes(db.read_bytes()[:db.stat().st_size // 2])
+    shutil.rmtree(cwd / "mlruns" / "artifacts", ignore_errors=True)
+
+
+NOT_A_STORE = r"cannot open the MLflow store \(DatabaseError: .*\); point tracking\.uri at an MLflow store"
+
+
 @pytest.mark.parametrize("make, pattern", [
+    (garbage_db, NOT_A_STORE),
+    (half_db, NOT_A_STORE),
     (empty_db, r"tracking\.uri=sqlite:///\S+/mlflow\.db: the file is empty \(0 bytes\), not an MLflow store; "
                r"restore it from a copy, or delete it to start a new store there"),
     (copied_store, r"experiment kvexp keeps its artifacts in \S+/original/mlruns/artifacts/kvexp, outside this "
                    r"store's directory \S+ \(a copied or moved store\); use the store at its original place"),
-], ids=["0-byte mlflow.db", "copied store"])
+], ids=["garbage mlflow.db", "half a mlflow.db", "0-byte mlflow.db", "copied store"])
 def test_a_broken_store_is_refused_and_left_as_it_was(make, pattern, tmp_path):
     make(tmp_path)
     db = tmp_path / "mlruns" / "mlflow.db"
