@@ -118,23 +118,22 @@ def test_joblib_sweep_logs_every_job_once_under_one_parent(sweep):
 def test_credentials_reach_no_file_and_no_output(sweep, server, offline_env):
     proc, runs, cwd = sweep
     _, root = server
-    port = server[0].rsplit(":", 1)[1]
-    parent = next(r for r in runs if r.data.tags.get(TAG + "sweep") == "true")
-    assert f"tracking.uri=http://127.0.0.1:{port}" in parent.data.tags[TAG + "command"]  # the URI, without them
-    for run in runs:
-        for value in [*run.data.params.values(), *run.data.tags.values()]:
-            assert SECRET_STEM not in value and HF_TOKEN not in value
-    artifacts = [p for p in (root / "artifacts").rglob("*") if p.is_file()]
-    assert {"config.yaml", "overrides.txt"} <= {p.name for p in artifacts}
-    assert any(p.name == "multirun.yaml" for p in cwd.rglob("*"))  # Hydra's own records are among those scanned
     # the raw bytes of every file: the store (params, tags, metrics, artifacts), Hydra's outputs, kvexp's cache
+    assert any(p.name == "multirun.yaml" for p in cwd.rglob("*"))  # Hydra's own records are among those scanned
     files = [p for top in (root, cwd, offline_env) for p in top.rglob("*") if p.is_file()]
     assert [str(p) for p in files if SECRET_STEM.encode() in (data := p.read_bytes()) or HF_TOKEN.encode() in data] \
         == []
     assert SECRET_STEM not in proc.stdout + proc.stderr and HF_TOKEN not in proc.stdout + proc.stderr
+    for run in runs:
+        for value in [*run.data.params.values(), *run.data.tags.values()]:
+            assert SECRET_STEM not in value and HF_TOKEN not in value
+    artifacts = [p.name for p in (root / "artifacts").rglob("*") if p.is_file()]
+    assert {"config.yaml", "overrides.txt"} <= set(artifacts)
+    port = server[0].rsplit(":", 1)[1]
+    parent = next(r for r in runs if r.data.tags.get(TAG + "sweep") == "true")
+    assert f"tracking.uri=http://127.0.0.1:{port}" in parent.data.tags[TAG + "command"]  # the URI, without them
     summary = next(line for line in proc.stdout.splitlines() if line.startswith("kvexp: 6 job(s)"))
     assert summary.endswith(f"store: http://127.0.0.1:{port}")
-
 
 def test_two_processes_claiming_the_same_hashes_through_a_server_get_each_once(server, tmp_path):
     from mlflow.entities import ViewType
