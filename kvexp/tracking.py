@@ -6,7 +6,8 @@ racing on first-time sqlite creation corrupt it.
 
 Nothing is lost or half-written: every run records the process that owns it (kvexp.host, kvexp.pid), so a run left
 RUNNING by a killed process is found and marked KILLED (reap_stale); artifacts reach a local store through a temp
-file and a rename; and every value that goes to the store passes scrub(), which masks credentials.
+file and a rename; every value that goes to the store passes scrub(), which masks credentials (kvexp.secrets); and
+a job claims its config hash before it builds (Tracker.claim), so two sweeps of one command never run a job twice.
 """
 from __future__ import annotations
 
