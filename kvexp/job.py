@@ -48,16 +48,14 @@ def run_name(spec: RunSpec) -> str:
 
 def run_job(spec: RunSpec, resolved_yaml: str, overrides: list[str], out_dir: Path,
             extra_tags: Optional[dict] = None) -> str:
-    """Returns the run's final status: FINISHED, FAILED or SKIPPED (a FINISHED run with this hash exists)."""
+    """Returns the run's final status: FINISHED, FAILED or SKIPPED (a run with this hash FINISHED, or is RUNNING in
+    another process)."""
     tracker = Tracker(spec.cfg.tracking.uri, spec.cfg.tracking.experiment)
-    for run, reason in tracker.reap_stale(tracker.running(f"tags.`{TAG}config_hash` = '{spec.config_hash}'")):
-        log.warning("run %s (%s) was left RUNNING: marked KILLED (%s); running the job again", run.info.run_id,
-                    run.info.run_name, reason)
-    if not spec.cfg.force and (prev := tracker.find_finished(spec.config_hash)) is not None:
-        log.info("skip %s: run %s already FINISHED with config hash %s (force=true re-runs it)",
-                 run_name(spec), prev.info.run_id, spec.config_hash[:12])
+    claim = tracker.claim(spec.config_hash, run_name(spec), run_tags(spec, extra_tags), os.environ.get(PARENT_ENV),
+                          spec.cfg.force)  # before anything is built: a second sweep of this job skips it
+    if (run_id := claim.run_id) is None:
+        log.info("skip %s: %s", run_name(spec), claim.why())
         return "SKIPPED"
-    run_id = tracker.start_run(run_name(spec), run_tags(spec, extra_tags), parent=os.environ.get(PARENT_ENV))
     try:  # from here on the run always ends: FINISHED, FAILED or KILLED, never left RUNNING
         tracker.log_params(run_id, flatten(canonical(OmegaConf.create(resolved_yaml)))
                            | {"config_hash": spec.config_hash})

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvexp.config import RunSpec
-from kvexp.resolve import validate
 from kvexp.errors import ConfigError
+from kvexp.resolve import validate
+from kvexp.secrets import check_uri
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -113,4 +114,5 @@ def plan(argv: list[str]) -> Plan:
     stores = {(s.cfg.tracking.uri, s.cfg.tracking.experiment) for s in specs}
     if len(stores) > 1:
         raise ConfigError("tracking.uri / tracking.experiment: must be the same for every job of one sweep")
+    check_uri(specs[0].cfg.tracking.uri)
     return Plan(multirun=multirun, specs=specs, overrides=[list(j) for j in jobs])

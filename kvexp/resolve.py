@@ -25,7 +25,7 @@ from kvexp.core.spec import NUMERICS_VERSION, BuildSpec, KVFormatSpec, WeightFor
 from kvexp.engines import engine_class
 from kvexp.errors import ConfigError, UnsupportedConfig
 from kvexp.evaluate.accuracy import check_tasks
-from kvexp.quant.calib import BUILTIN, HUB_DATASETS
+from kvexp.quant.calib import BUILTIN, HUB_DATASETS, check_calib, needs_calib
 
 DEVICE_HELP = "engine.device={}: no CUDA GPU is visible here; use engine.device=auto or cpu"
 VERSIONED = ("torch", "triton", "transformers", "nvidia-modelopt", "tensorrt-llm")  # what computes the numbers
@@ -65,7 +65,7 @@ def build_spec(cfg: KvexpConfig, options, cls=None) -> BuildSpec:
         dtype=str(dtype).removeprefix("torch."), weights=WeightFormat(q.weights.dtype, q.weights.algo,
                                                                       q.weights.group_size, q.weights.lm_head),
         kv=kv, attention=cls.attention_impl(kv, device, dtype, options),
-        calib=calib_spec(q, cfg_cache_dir(cfg)) if needs_calibration(q) else None, options=resolved,
+        calib=calib_spec(q, cfg_cache_dir(cfg)) if needs_calib(q) else None, options=resolved,
         versions=library_versions())
 
 
@@ -143,11 +143,10 @@ def library_versions() -> dict[str, str]:
 
 
 # ---- calibration ----
-def needs_calibration(q: QuantConfig) -> bool:
-    return q.weights.algo == "awq" or (q.kv_cache.dtype != "auto" and q.kv_cache.scale == "static")
-
-
-def calib_spec(q: QuantConfig, cache_dir) -> dict:
+def calib_spec(q: QuantConfig, cache_dir: Path) -> dict:
+    """What the calibration windows are cut from and how; the source checked (a local file: readable UTF-8 text)
+    only where the run calibrates, since an fp16 run never reads it."""
+    check_calib(q.calib)
     return {"source": calib_source(q.calib, cache_dir), "num_samples": q.calib.num_samples,
             "seq_len": q.calib.seq_len}
 
@@ -162,11 +161,7 @@ def calib_source(calib: CalibConfig, cache_dir) -> str:
         return f"organism@{organism.VERSION_TAG}"
     if name in HUB_DATASETS:
         return f"hub:{HUB_DATASETS[name][0]}@{_dataset_commit(name)}"
-    path = os.path.expanduser(name)
-    if not os.path.isfile(path):
-        raise ConfigError(f"quant.calib.dataset={name}: not builtin, organism, {', '.join(HUB_DATASETS)}, or an "
-                          "existing .txt/.jsonl file")
-    return "sha256:" + artifacts.fingerprint([Path(path)], cache_dir / "fingerprints")
+    return "sha256:" + artifacts.fingerprint([Path(name).expanduser()], cache_dir / "fingerprints")
 
 
 def _dataset_commit(name: str) -> Optional[str]:

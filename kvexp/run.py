@@ -25,7 +25,8 @@ from kvexp.resolve import validate
 from kvexp.engines import engine_class
 from kvexp.errors import KvexpError
 from kvexp.job import JOBS_ENV, LOADING_STAGES, PARENT_ENV, STAGE_TAG, SWEEP_ENV, run_job
-from kvexp.tracking import TAG, Tracker, scrub
+from kvexp.secrets import scrub, take_uri_credentials
+from kvexp.tracking import TAG, Tracker
 
 log = logging.getLogger("kvexp")
 
@@ -48,7 +49,7 @@ def summarize(tracker: Tracker, sweep_id: str, jobs: int, stopped: Optional[str]
             print(f"kvexp: error: {failure(r.info.run_name, r.data.tags)}", file=sys.stderr)
     rest = jobs - len(runs)  # jobs with no run of this command: skipped, or never started if the sweep stopped
     rest_text = f"{rest} not run (the sweep stopped)" if stopped else \
-        f"{rest} skipped (already finished; force=true re-runs)"
+        f"{rest} skipped (already finished, or running in another sweep; force=true re-runs finished ones)"
     killed = f", {counts['KILLED']} killed" if counts["KILLED"] else ""
     print(f"kvexp: {jobs} job(s): {counts['FINISHED']} finished, {counts['FAILED']} failed, {rest_text}{killed}; "
           f"store: {tracker.shown_uri}")
@@ -112,7 +113,9 @@ def finish(tracker: Tracker, sweep_id: str, parent: Optional[str], jobs: int, st
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    # Hydra reads sys.argv itself and writes it out (multirun.yaml, .hydra/): credentials leave it first
+    argv = take_uri_credentials(sys.argv[1:] if argv is None else argv)
+    sys.argv[1:] = argv
     try:
         plan = preflight.plan(argv)
         dry = [s for s in plan.specs if getattr(s.engine_options, "dry_run", False)]

@@ -6,10 +6,12 @@ racing on first-time sqlite creation corrupt it.
 
 Nothing is lost or half-written: every run records the process that owns it (kvexp.host, kvexp.pid), so a run left
 RUNNING by a killed process is found and marked KILLED (reap_stale); artifacts reach a local store through a temp
-file and a rename; and every value that goes to the store passes scrub(), which masks credentials.
+file and a rename; every value that goes to the store passes scrub(), which masks credentials (kvexp.secrets); and
+a job claims its config hash before it builds (Tracker.claim), so two sweeps of one command never run a job twice.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -17,9 +19,10 @@ import re
 import socket
 import subprocess
 import tempfile
+import time
 import traceback
-import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 from urllib.parse import unquote, urlparse
@@ -27,7 +30,9 @@ from urllib.parse import unquote, urlparse
 import psutil
 from filelock import FileLock
 
+from kvexp import artifacts
 from kvexp.errors import ConfigError
+from kvexp.secrets import redact_uri, scrub
 
 # A new sqlite store logs its schema creation, step by step, at INFO; stderr is for errors
 for _name in ("alembic", "mlflow.store.db.utils"):
@@ -37,7 +42,6 @@ log = logging.getLogger("kvexp")
 TAG = "kvexp."  # every kvexp tag starts with this
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM = 6000  # MLflow's limit on a param value
-PARTIAL = ".kvexp-partial-"  # an artifact being written; renamed to its real name only once complete
 HOST = socket.gethostname()
 # MLflow's REST client retries a refused connection 7 times with exponential backoff (~4 minutes): the first
 # contact with a server fails fast instead; later calls keep MLflow's retries, which ride out a server restart.
@@ -46,41 +50,11 @@ FIRST_CONTACT_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUES
 # MLflow's cap on one search. Its default, 1000, would silently drop the newest runs of a bigger store: searches
 # are ordered oldest first.
 SEARCH_MAX = 50_000
+CLAIM_SETTLE_S = 1.0  # a claim through a server: the least time a new run waits for rivals created with it (claim)
 
 # SQLAlchemy databases (a sqlite file by default), a tracking server, Databricks, and MLflow's file store (a file://
 # URI or a plain path, which MLflow >= 3.13 refuses itself unless MLFLOW_ALLOW_FILE_STORE=true: FACTS.md).
 STORE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "file", "")
-
-# ---- secrets ----
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/?#@\s]+@")
-_SECRET_NAME = re.compile(r"(^|_)(TOKEN|PASSWORD|PASSWD|SECRET|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?|"
-                          r"CONNECTION_STRING)(_|$)", re.IGNORECASE)
-_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}")
-MIN_SECRET_LEN = 8  # shorter values of such variables are flags ("1", "false"), and masking them would mangle text
-MASK = "***"
-
-
-def redact_uri(text: str) -> str:
-    """Mask the user:password@ part of every URI in text: postgresql://u:pw@db/x -> postgresql://***@db/x."""
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
-
-
-def env_secrets() -> list[str]:
-    """Values of credential-like environment variables (HF_TOKEN, MLFLOW_TRACKING_PASSWORD, AWS_SECRET_ACCESS_KEY)."""
-    # Names first, then .get(): MLflow's telemetry thread deletes variables, and os.environ.items() would then
-    # raise KeyError mid-iteration (list(os.environ) is atomic).
-    names = [k for k in list(os.environ) if _SECRET_NAME.search(k)]
-    values = {v for k in names if len(v := os.environ.get(k) or "") >= MIN_SECRET_LEN}
-    return sorted(values, key=len, reverse=True)  # longest first: one secret may contain another
-
-
-def scrub(text: str) -> str:
-    """text with URI credentials, Hugging Face tokens and the values of credential variables masked."""
-    text = _HF_TOKEN.sub(MASK, redact_uri(text))
-    for secret in env_secrets():
-        text = text.replace(secret, MASK)
-    return text
-
 
 def _scrub_bytes(data: bytes) -> bytes:
     try:
@@ -89,21 +63,23 @@ def _scrub_bytes(data: bytes) -> bytes:
         return data
 
 
+_WRITE_FIX = {  # errno -> what the user can do about a failed artifact write
+    errno.ENOSPC: "free space there or point tracking.uri at another store",
+    errno.EDQUOT: "free space there (a disk quota) or point tracking.uri at another store",
+    errno.EACCES: "permission denied: make it writable for this user or point tracking.uri at another store",
+    errno.EPERM: "permission denied: make it writable for this user or point tracking.uri at another store",
+    errno.EROFS: "a read-only file system: point tracking.uri at a writable store",
+}
+
+
 def _write_atomic(dest: Path, data: bytes) -> None:
-    """dest appears complete or not at all: written to a temp name beside it, synced, then renamed over it.
-    A process killed mid-write leaves a PARTIAL file (reap_stale removes it), never a truncated dest."""
-    tmp = dest.parent / f"{PARTIAL}{dest.name}-{uuid.uuid4().hex[:8]}"
+    """dest appears complete or not at all (kvexp.artifacts.write_bytes: a temp name beside it, synced, renamed);
+    a process killed mid-write leaves a PARTIAL file (reap_stale removes it), never a truncated dest."""
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # a full disk often reports only here, with delayed allocation
-        os.replace(tmp, dest)
+        artifacts.write_bytes(dest, data)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise OSError(e.errno, f"could not write artifact {dest.name} to {dest.parent} ({e.strerror or e}); "
-                               "free space there or point tracking.uri at another store") from e
+                               f"{_WRITE_FIX.get(e.errno, 'point tracking.uri at another store')}") from e
 
 
 @contextmanager
@@ -188,6 +164,7 @@ class Tracker:
         if tracker.local and not tracker.db_file.is_file():
             raise ConfigError(f"tracking.uri={tracker.shown_uri}: no MLflow store there; run a sweep first "
                               "(python -m kvexp.run -m ...) or pass --tracking-uri")
+        tracker._check_db()
         exp = tracker._find_experiment()
         if exp is None:
             raise ConfigError(f"experiment {experiment}: no such experiment in {tracker.shown_uri}; "
@@ -205,11 +182,32 @@ class Tracker:
             except OSError as e:
                 raise ConfigError(f"tracking.uri={self.shown_uri}: cannot create {self.store_dir} ({e.strerror}); "
                                   "point tracking.uri at a writable place") from e
-            with FileLock(str(self.store_dir / ".kvexp.lock")):
+            with self._lock():
+                self._check_db()  # under the lock: a store being created by another process is empty for a moment
                 self._experiment_id = self._get_or_create()
         else:
             self._experiment_id = self._get_or_create()
         return self._experiment_id
+
+    def _lock(self) -> FileLock:
+        """The store's lock (local stores): schema and experiment creation, and claims, happen under it."""
+        return FileLock(str(self.store_dir / ".kvexp.lock"))
+
+    def _check_db(self) -> None:
+        """A 0-byte sqlite file is a store whose runs are gone (a failed copy, a truncation): MLflow would silently
+        make it a new, empty store while the old runs' artifacts stay on disk."""
+        if self.local and self.db_file.is_file() and self.db_file.stat().st_size == 0:
+            raise ConfigError(f"tracking.uri={self.shown_uri}: the file is empty (0 bytes), not an MLflow store; "
+                              "restore it from a copy, or delete it to start a new store there")
+
+    def _check_location(self, exp) -> None:
+        """A local store's experiment keeps its artifacts in its own directory: one elsewhere means this store was
+        copied or moved from there, and its runs' artifacts would land in (or be read from) the original."""
+        where = _local_dir(exp.artifact_location)
+        if self.local and where is not None and not where.resolve().is_relative_to(self.store_dir.resolve()):
+            raise ConfigError(f"tracking.uri={self.shown_uri}: experiment {self.experiment} keeps its artifacts in "
+                              f"{where}, outside this store's directory {self.store_dir} (a copied or moved store); "
+                              "use the store at its original place, or pass tracking.experiment=<a new name>")
 
     def _find_experiment(self):
         """The experiment, or None if the store has none of that name; a ConfigError if the store cannot be read."""
@@ -229,6 +227,7 @@ class Tracker:
     def _get_or_create(self) -> str:
         exp = self._find_experiment()
         if exp is not None:
+            self._check_location(exp)
             return exp.experiment_id
         location = (self.store_dir / "artifacts" / self.experiment).as_uri() if self.local else None
         return self.client.create_experiment(self.experiment, artifact_location=location)
@@ -241,6 +240,55 @@ class Tracker:
         tags = {k: scrub(v) for k, v in tags.items()} | owner | ({PARENT_TAG: parent} if parent else {})
         return self.client.create_run(self.prepare(), tags=tags, run_name=name).info.run_id
 
+    def claim(self, config_hash: str, name: str, tags: dict[str, str], parent: Optional[str] = None,
+              force: bool = False) -> Claim:
+        """A RUNNING run of this process for the job with config_hash, unless a run holds the hash already: a
+        FINISHED one (unless force) or a RUNNING one of a live process (another sweep of the same command).
+        Runs of the hash left RUNNING by a dead process are marked KILLED first.
+
+        Atomic across processes. A local store: the look-up and the new run happen under the store's lock. A
+        server, which has no lock: each process creates its run first, then the earliest holder wins (the same
+        answer in every process, once runs created at about the same moment have all arrived: CLAIM_SETTLE_S) and
+        the others back off (_back_off)."""
+        tags = tags | {TAG + "config_hash": config_hash}
+        if self.local:
+            self.prepare()  # outside the lock: prepare() takes it too
+            with self._lock():
+                holder = self._holder(config_hash, force)
+                return Claim(holder=holder) if holder else Claim(self.start_run(name, tags, parent))
+        if not force and (holder := self.find_finished(config_hash)) is not None:
+            return Claim(holder=holder)  # the common skip, without a run created and deleted for it
+        started = time.monotonic()
+        run_id = self.start_run(name, tags, parent)
+        # A rival's run may carry an earlier start time (its client's clock) yet reach the server after this look-up:
+        # look again once such a run has had time to arrive, as long as a few of this run's creation round trips.
+        for settle in (0.0, max(CLAIM_SETTLE_S, 4 * (time.monotonic() - started))):
+            time.sleep(settle)
+            holder = self._holder(config_hash, force, mine=run_id)
+            if holder.info.run_id != run_id:
+                self._back_off(run_id, holder)
+                return Claim(holder=holder)
+        return Claim(run_id)
+
+    def _holder(self, config_hash: str, force: bool, mine: Optional[str] = None):
+        """The earliest run that holds config_hash (RUNNING in a live process, or FINISHED unless force), or None.
+        Reaps the hash's stale RUNNING runs, other than mine, on the way."""
+        runs = self.search([f"tags.`{TAG}config_hash` = '{config_hash}'"])
+        reaped = self.reap_stale(r for r in runs if r.info.run_id != mine)
+        for run, reason in reaped:
+            log.warning("run %s (%s) was left RUNNING: marked KILLED (%s)", run.info.run_id, run.info.run_name, reason)
+        dead = {run.info.run_id for run, _ in reaped}
+        holders = [r for r in runs if r.info.run_id not in dead
+                   and (r.info.status == "RUNNING" or r.info.status == "FINISHED" and not force)]
+        return min(holders, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+
+    def _back_off(self, run_id: str, holder) -> None:
+        """End a run that lost its claim as a skip: tagged with the holder, KILLED, then deleted, so that no
+        summary, search or later claim counts it."""
+        self.set_tags(run_id, {TAG + "skipped": f"run {holder.info.run_id} holds its config hash"})
+        self.end(run_id, "KILLED")
+        self.client.delete_run(run_id)
+
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
@@ -249,8 +297,6 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i:i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -321,7 +367,7 @@ class Tracker:
                 continue
             self.kill(run.info.run_id, reason)
             root = _local_dir(run.info.artifact_uri)
-            for partial in root.rglob(PARTIAL + "*") if root and root.is_dir() else ():
+            for partial in root.rglob(artifacts.PARTIAL + "*") if root and root.is_dir() else ():
                 partial.unlink(missing_ok=True)
             reaped.append((run, reason))
         return reaped
@@ -352,6 +398,23 @@ class Tracker:
         """The text of the run's artifact name (a path under its artifact root)."""
         with tempfile.TemporaryDirectory() as tmp:
             return Path(self.client.download_artifacts(run_id, name, tmp)).read_text()
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Tracker.claim's answer: run_id, this process's RUNNING run (run the job), or holder, the run that holds the
+    config hash (skip the job)."""
+    run_id: Optional[str] = None
+    holder: Any = None
+
+    def why(self) -> str:
+        """Why the job is skipped, in a few words."""
+        run, tags = self.holder.info, self.holder.data.tags
+        config_hash = tags.get(TAG + "config_hash", "?")[:12]
+        if run.status == "FINISHED":
+            return f"run {run.run_id} already FINISHED with config hash {config_hash} (force=true re-runs it)"
+        return (f"run {run.run_id} with config hash {config_hash} is RUNNING in process {tags.get(TAG + 'pid')} on "
+                f"{tags.get(TAG + 'host')} (another sweep of this job)")
 
 
 def stale_reason(tags: dict[str, str]) -> Optional[str]:

@@ -24,6 +24,8 @@ def disk_full(fd):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 os.fsync = disk_full
 """
+NO_PERMISSION = DISK_FULL.replace("ENOSPC", "EPERM")  # a write the file system refuses (a root-owned directory)
+AWQ = ["quant=awq"]  # the runs that read calibration text (so does quant=int8kv_static)
 
 
 CASES = [  # id, overrides ({ckpt}: a dir of broken checkpoints), code run first, exit code, the line's pattern
@@ -49,12 +51,26 @@ CASES = [  # id, overrides ({ckpt}: a dir of broken checkpoints), code run first
     ("unwritable store", ["tracking.uri=sqlite:////proc/kvexp/mlflow.db"], "", 2, r"cannot create /proc/kvexp"),
     ("disk full", [], DISK_FULL, 1, r"job \S+ FAILED in setup: OSError: .*could not write artifact config\.yaml .*"
                                     r"No space left on device.*free space there"),
+    ("write not permitted", [], NO_PERMISSION, 1,
+     r"FAILED in setup: PermissionError: .*could not write artifact config\.yaml to \S+ \(Operation not permitted\); "
+     r"permission denied: make it writable"),
+    ("password in a database URI", ["tracking.uri=postgresql://kvexp:pw-0123@db/mlflow"], "", 2,
+     r"tracking\.uri=postgresql://\*\*\*@db/mlflow: a password in a database URI .*PGPASSWORD"),
+    ("calibration file missing", [*AWQ, "quant.calib.dataset={ckpt}/nowhere.txt"], "", 2,
+     r"quant\.calib\.dataset=\S+/nowhere\.txt: not builtin, organism, .* or an existing \.txt/\.jsonl file"),
+    ("calibration file empty", [*AWQ, "quant.calib.dataset={ckpt}/empty.txt"], "", 2,
+     r"quant\.calib\.dataset=\S+/empty\.txt: no text in it"),
+    ("calibration file binary", ["quant=int8kv_static", "quant.calib.dataset={ckpt}/binary.txt"], "", 2,
+     r"quant\.calib\.dataset=\S+/binary\.txt: not UTF-8 text \(byte 0x\w\w at offset \d+\)"),
+    ("calibration .jsonl without text", [*AWQ, "quant.calib.dataset={ckpt}/no_text.jsonl"], "", 2,
+     r"quant\.calib\.dataset=\S+/no_text\.jsonl: each line of a \.jsonl file must be a JSON object with a \"text\""),
+    ("unknown calibration set", [*AWQ, "quant.calib.dataset=c4"], "", 2, r"quant\.calib\.dataset=c4: not builtin"),
 ]
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """Broken copies of the builtin tiny checkpoint, one dir per fault."""
+    """Broken copies of the builtin tiny checkpoint, one dir per fault, and broken calibration files."""
     from kvexp.checkpoint import resolve_model
 
     good = resolve_model(make_spec())
@@ -70,6 +86,9 @@ def ckpt(tmp_path_factory):
     (root / "bad_config" / "config.json").write_text('{"model_type": "llama",')
     (root / "bad_weights" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
     (root / "bad_tokenizer" / "tokenizer.json").write_text("<html>502 Bad Gateway</html>")  # a failed download
+    (root / "empty.txt").write_text("\n\n  \n")  # calibration files: only blank lines, bytes that are not text
+    (root / "binary.txt").write_bytes(b"calib " + bytes(range(128, 256)))
+    (root / "no_text.jsonl").write_text('{"content": "a passage"}\n')
     return root
 
 
@@ -91,3 +110,53 @@ def test_bad_input_is_one_line_and_leaves_no_half_written_run(args, prelude, cod
     runs = Tracker(f"sqlite:///{store}", "kvexp").search()
     assert [r.info.status for r in runs] == ["FAILED"]
     assert runs[0].data.tags[TAG + "error"].split("\n")[0] in lines[0]
+
+
+def empty_db(cwd):
+    (cwd / "mlruns").mkdir()
+    (cwd / "mlruns" / "mlflow.db").touch()  # a failed copy or a truncation: every run gone
+
+
+def copied_store(cwd):
+    """A store made in another directory, then copied here: its experiment's artifacts are in the original."""
+    original = cwd / "original"
+    Tracker(f"sqlite:///{original}/mlruns/mlflow.db", "kvexp").prepare()
+    shutil.copytree(original / "mlruns", cwd / "mlruns")
+
+
+def garbage_db(cwd):
+    (cwd / "mlruns").mkdir()
+    (cwd / "mlruns" / "mlflow.db").write_bytes(bytes(range(256)) * 16)
+
+
+def half_db(cwd):
+    """A store cut in half (a copy that stopped)."""
+    tracker = Tracker(f"sqlite:///{cwd}/mlruns/mlflow.db", "kvexp")
+    tracker.end(tracker.start_run("r", {}), "FINISHED")
+    db = cwd / "mlruns" / "mlflow.db"
+    db.write_bytes(db.read_bytes()[:db.stat().st_size // 2])
+    shutil.rmtree(cwd / "mlruns" / "artifacts", ignore_errors=True)
+
+
+NOT_A_STORE = r"cannot open the MLflow store \(DatabaseError: .*\); point tracking\.uri at an MLflow store"
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (garbage_db, NOT_A_STORE),
+    (half_db, NOT_A_STORE),
+    (empty_db, r"tracking\.uri=sqlite:///\S+/mlflow\.db: the file is empty \(0 bytes\), not an MLflow store; "
+               r"restore it from a copy, or delete it to start a new store there"),
+    (copied_store, r"experiment kvexp keeps its artifacts in \S+/original/mlruns/artifacts/kvexp, outside this "
+                   r"store's directory \S+ \(a copied or moved store\); use the store at its original place"),
+], ids=["garbage mlflow.db", "half a mlflow.db", "0-byte mlflow.db", "copied store"])
+def test_a_broken_store_is_refused_and_left_as_it_was(make, pattern, tmp_path):
+    make(tmp_path)
+    db = tmp_path / "mlruns" / "mlflow.db"
+    before = db.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "kvexp.run", *FAST], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env=os.environ.copy())
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("kvexp: error: ") and re.search(pattern, lines[0]), lines
+    assert db.read_bytes() == before
+    assert not (tmp_path / "mlruns" / "artifacts").exists() and not (tmp_path / "outputs").exists()

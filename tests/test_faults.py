@@ -1,9 +1,12 @@
-"""Faults: a job killed with SIGKILL, a sweep stopped with Ctrl-C, an artifact write that fails half way.
+"""Faults: a job killed with SIGKILL, a sweep stopped with Ctrl-C, an artifact write that fails half way, two sweeps
+of one command at once.
 
-After each, no run is left RUNNING by a dead process, nothing half-written is visible, and the store still opens.
+After each, no run is left RUNNING by a dead process, nothing half-written is visible, the store still opens, and
+no job ran twice.
 """
 import errno
 import os
+import secrets
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +20,8 @@ from conftest import RUN_CLI, make_spec
 from test_sweep import kvexp_run
 from omegaconf import OmegaConf
 
-from kvexp.tracking import HOST, PARTIAL, TAG, Tracker
+from kvexp.artifacts import PARTIAL
+from kvexp.tracking import HOST, TAG, Tracker
 
 FAST = ["experiment=smoke", "eval=none", "eval.fidelity.enabled=false", "bench.iters=1", "bench.warmup=0"]
 # The job's benchmark announces itself in ./busy, then waits: a job caught mid-run, at a known moment.
@@ -28,6 +32,30 @@ def busy(*args, **kwargs):
     pathlib.Path("busy").touch()
     time.sleep(600)
 perf.measure = busy
+"""
+# Like BUSY, but the benchmark goes on once ./go exists: a first sweep held inside its first job, then let go
+HELD = """
+import pathlib, time
+from kvexp.bench import perf
+measure = perf.measure
+def held(*args, **kwargs):
+    pathlib.Path("busy").touch()
+    while not pathlib.Path("go").exists():
+        time.sleep(0.1)
+    return measure(*args, **kwargs)
+perf.measure = held
+"""
+# Claims config hashes argv[4:] in store argv[1], experiment argv[2], once ./go exists (argv[3]: its "ready" file)
+CLAIMER = """
+import pathlib, sys, time
+from kvexp.tracking import Tracker
+tracker = Tracker(sys.argv[1], sys.argv[2])
+tracker.prepare()
+pathlib.Path(sys.argv[3]).touch()
+while not pathlib.Path("go").exists():
+    time.sleep(0.01)
+won = [h for h in sys.argv[4:] if tracker.claim(h, "claim-" + h[:8], {}).run_id]
+print("claimed:", *won)  # a line of its own: MLflow prints a link for each run it ends
 """
 
 
@@ -175,3 +203,55 @@ def test_a_directory_artifact_keeps_its_layout(tmp_path):
     assert listed == {"lm_eval/results.json", "lm_eval/task"}
     assert {a.path for a in tracker.client.list_artifacts(run_id, "lm_eval/task")} == {"lm_eval/task/samples.jsonl"}
     assert {a.path for a in tracker.client.list_artifacts(run_id, "copy")} == {"copy/results.json"}
+
+
+def claim_at_once(tracker: Tracker, cwd: Path, hashes: list[str], processes: int = 2) -> list[set[str]]:
+    """The config hashes that each of several processes, let go at the same moment, claimed in tracker's store."""
+    cmd = [sys.executable, "-c", CLAIMER, tracker.uri, tracker.experiment]
+    procs = [subprocess.Popen([*cmd, f"ready{i}", *hashes], cwd=cwd, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(processes)]
+    deadline = time.monotonic() + 120
+    while not all((cwd / f"ready{i}").exists() for i in range(processes)):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+            [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+    (cwd / "go").touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * processes, [err[-2000:] for _, err in outs]
+    lines = [next(line for line in out.splitlines() if line.startswith("claimed:")) for out, _ in outs]
+    return [set(line.split()[1:]) for line in lines]
+
+
+def assert_claimed_once(tracker: Tracker, hashes: list[str], claims: list[set[str]]) -> None:
+    """Every hash claimed by exactly one process, which holds the hash's only (RUNNING) run."""
+    assert set().union(*claims) == set(hashes) and sum(map(len, claims)) == len(hashes), claims
+    for h in hashes:
+        runs = tracker.search([f"tags.`{TAG}config_hash` = '{h}'"])
+        assert [r.info.status for r in runs] == ["RUNNING"], (h, runs)
+
+
+def test_two_processes_claiming_the_same_hashes_on_sqlite_get_each_once(tmp_path):
+    hashes = [secrets.token_hex(32) for _ in range(8)]
+    tracker = store(tmp_path)
+    tracker.prepare()
+    assert_claimed_once(tracker, hashes, claim_at_once(tracker, tmp_path, hashes))
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_command_at_once_run_each_job_once(in_tmp):
+    args = ["-m", "quant=fp16,int8kv", *FAST]
+    first = start(in_tmp, args, HELD)
+    wait_for(first, in_tmp, (in_tmp / "busy").exists, "the first sweep's first benchmark")
+    second = kvexp_run(in_tmp, *args)  # while the first holds fp16: it skips fp16 and runs int8kv
+    (in_tmp / "go").touch()
+    assert first.wait(timeout=300) == 0, (in_tmp / "err.txt").read_text()[-2000:]
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"is RUNNING in process {first.pid} on {HOST}" in second.stdout
+    assert "2 job(s): 1 finished, 0 failed, 1 skipped" in second.stdout
+    out = (in_tmp / "out.txt").read_text()
+    assert "already FINISHED with config hash" in out and "2 job(s): 1 finished, 0 failed, 1 skipped" in out
+    jobs, parents = jobs_and_parents(readable_runs(in_tmp))
+    assert [r.info.status for r in jobs] == ["FINISHED", "FINISHED"] and len(parents) == 2
+    assert len({r.data.tags[TAG + "config_hash"] for r in jobs}) == 2
+    owners = [(r.data.tags[TAG + "quant"], r.data.tags[TAG + "pid"] == str(first.pid)) for r in jobs]
+    assert owners == [("fp16", True), ("int8kv", False)]  # oldest first: the first sweep's fp16, the second's int8kv

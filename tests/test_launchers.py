@@ -1,9 +1,12 @@
 """Scale-out: a joblib sweep (2 worker processes, 6 jobs) logging to an `mlflow server` that this module starts.
 
-The tracking URI carries a password (user:password@host) and the environment an HF token: the store must hold
-neither, while every job is there exactly once, FINISHED, under the sweep's one parent run.
+The tracking URI carries a password (user:password@host, percent-encoded) and the environment an HF token: no file
+under the working directory, the store or the cache, and no line of output, holds either, while every job is there
+exactly once, FINISHED, under the sweep's one parent run. Two processes claiming the same config hashes through the
+server at once get each hash once.
 """
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -13,10 +16,12 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+from test_faults import assert_claimed_once, claim_at_once
 
 from kvexp.tracking import PARENT_TAG, TAG, Tracker
 
-PASSWORD = "pw-kvexp-launcher-0123456789"
+PASSWORD = "pw-kvexp-launcher%2F0123456789"  # in the URI; MLflow's variable gets it decoded ("/" for %2F)
+SECRET_STEM = "kvexp-launcher"  # in every form the password can take: as typed, decoded, escaped by Hydra
 HF_TOKEN = "hf_kvexpLauncherTest0123456789abcdef"
 SWEEP = ["-m", "hydra/launcher=kvexp_joblib", "quant=fp16,int8kv", "context.gen_len=8,16,24", "experiment=smoke",
          "eval=none", "eval.fidelity.enabled=false", "bench.iters=1", "bench.warmup=0"]
@@ -82,16 +87,16 @@ def sweep(server, tmp_path_factory):
     """The joblib sweep, run once: (completed process, every run in the store)."""
     uri, _ = server
     cwd = tmp_path_factory.mktemp("sweep")
-    env = os.environ | {"HF_TOKEN": HF_TOKEN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")} | {"HF_TOKEN": HF_TOKEN}
     proc = subprocess.run([sys.executable, "-m", "kvexp.run", *SWEEP, "tracking=server", f"tracking.uri={uri}"],
                           capture_output=True, text=True, cwd=cwd, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc, Tracker(uri, "kvexp").search()
+    return proc, Tracker(uri, "kvexp").search(), cwd
 
 
 @pytest.mark.slow
 def test_joblib_sweep_logs_every_job_once_under_one_parent(sweep):
-    proc, runs = sweep
+    proc, runs, _ = sweep
     assert "6 job(s): 6 finished, 0 failed, 0 skipped" in proc.stdout
     parents = [r for r in runs if r.data.tags.get(TAG + "sweep") == "true"]
     jobs = [r for r in runs if r not in parents]
@@ -110,20 +115,33 @@ def test_joblib_sweep_logs_every_job_once_under_one_parent(sweep):
 
 
 @pytest.mark.slow
-def test_credentials_reach_no_param_tag_or_artifact(sweep, server):
-    proc, runs = sweep
+def test_credentials_reach_no_file_and_no_output(sweep, server, offline_env):
+    proc, runs, cwd = sweep
     _, root = server
-    parent = next(r for r in runs if r.data.tags.get(TAG + "sweep") == "true")
-    assert "tracking.uri=http://***@127.0.0.1" in parent.data.tags[TAG + "command"]  # logged, masked
+    # the raw bytes of every file: the store (params, tags, metrics, artifacts), Hydra's outputs, kvexp's cache
+    assert any(p.name == "multirun.yaml" for p in cwd.rglob("*"))  # Hydra's own records are among those scanned
+    files = [p for top in (root, cwd, offline_env) for p in top.rglob("*") if p.is_file()]
+    assert [str(p) for p in files if SECRET_STEM.encode() in (data := p.read_bytes()) or HF_TOKEN.encode() in data] \
+        == []
+    assert SECRET_STEM not in proc.stdout + proc.stderr and HF_TOKEN not in proc.stdout + proc.stderr
     for run in runs:
         for value in [*run.data.params.values(), *run.data.tags.values()]:
-            assert PASSWORD not in value and HF_TOKEN not in value
-    artifacts = [p for p in (root / "artifacts").rglob("*") if p.is_file()]
-    assert {"config.yaml", "overrides.txt"} <= {p.name for p in artifacts}
-    config = next(p for p in artifacts if p.name == "config.yaml").read_text()
-    assert "uri: http://***@127.0.0.1" in config
-    for path in [root / "db", *artifacts]:  # the raw bytes: every param, tag, metric and artifact
-        data = Path(path).read_bytes()
-        assert PASSWORD.encode() not in data and HF_TOKEN.encode() not in data, path
+            assert SECRET_STEM not in value and HF_TOKEN not in value
+    artifacts = [p.name for p in (root / "artifacts").rglob("*") if p.is_file()]
+    assert {"config.yaml", "overrides.txt"} <= set(artifacts)
+    port = server[0].rsplit(":", 1)[1]
+    parent = next(r for r in runs if r.data.tags.get(TAG + "sweep") == "true")
+    assert f"tracking.uri=http://127.0.0.1:{port}" in parent.data.tags[TAG + "command"]  # the URI, without them
     summary = next(line for line in proc.stdout.splitlines() if line.startswith("kvexp: 6 job(s)"))
-    assert summary.endswith("store: http://***@127.0.0.1:" + server[0].rsplit(":", 1)[1])
+    assert summary.endswith(f"store: http://127.0.0.1:{port}")
+
+def test_two_processes_claiming_the_same_hashes_through_a_server_get_each_once(server, tmp_path):
+    from mlflow.entities import ViewType
+
+    hashes = [secrets.token_hex(32) for _ in range(6)]
+    tracker = Tracker(server[0], "kvexp-claims")
+    tracker.prepare()
+    assert_claimed_once(tracker, hashes, claim_at_once(tracker, tmp_path, hashes))
+    lost = tracker.client.search_runs([tracker.prepare()], run_view_type=ViewType.DELETED_ONLY)
+    assert {r.info.status for r in lost} <= {"KILLED"}  # a run that lost its claim: ended as a skip, then deleted
+    assert all(r.data.tags[TAG + "skipped"].endswith("holds its config hash") for r in lost)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from kvexp.errors import ConfigError
+from kvexp.secrets import PASSWORD_ENV, USER_ENV, check_uri, take_uri_credentials
 from kvexp.tracking import TAG, Tracker, redact_uri, scrub
 
 HF = "hf_kvexpSecretsTest0123456789abcdefgh"
@@ -32,6 +34,7 @@ def leaks(root: Path, secrets) -> list[str]:
     ("sqlite:////home/me/mlruns/mlflow.db", "sqlite:////home/me/mlruns/mlflow.db"),  # nothing to mask
     ("http://127.0.0.1:5000/#/experiments/1", "http://127.0.0.1:5000/#/experiments/1"),
     ("model.path=/data/ckpt@v2", "model.path=/data/ckpt@v2"),  # an @ in a path is not userinfo
+    (r"tracking.uri=http\://alice\:pw@127.0.0.1\:5000", r"tracking.uri=http\://***@127.0.0.1\:5000"),  # Hydra's
 ])
 def test_redact_uri_masks_userinfo_only(text, expected):
     assert redact_uri(text) == expected
@@ -43,6 +46,40 @@ def test_scrub_masks_credential_variables_and_hf_tokens_not_flags(monkeypatch):
     monkeypatch.setenv("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")  # a flag: too short to be a secret
     text = "key-0123456789 tokenizers-false 1 hf_Unknown0123456789abcdefghij"
     assert scrub(text) == "*** tokenizers-false 1 ***"
+
+
+def test_scrub_masks_a_secret_in_each_form_it_takes(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "p@ss:w/rd,0123")
+    text = r"p@ss:w/rd,0123 | p%40ss%3Aw%2Frd%2C0123 | p@ss\:w/rd\,0123"  # as is, percent-encoded, escaped by Hydra
+    assert scrub(text) == "*** | *** | ***"
+
+
+@pytest.mark.parametrize("arg, expected, user, password", [
+    ("tracking.uri=http://alice:s3cret@127.0.0.1:5000", "tracking.uri=http://127.0.0.1:5000", "alice", "s3cret"),
+    ("+tracking.uri=https://bob:p%40ss%2Fw@mlflow.example.com/x", "+tracking.uri=https://mlflow.example.com/x", "bob",
+     "p@ss/w"),  # percent-encoded in the URI: MLflow's variable gets the password itself
+    (r"tracking.uri=http\://carol\:pw@[::1]\:80", "tracking.uri=http://[::1]:80", "carol", "pw"),  # escaped
+    ("tracking.uri='https://token@h/'", "tracking.uri='https://h/'", "token", None),  # quoted; a user name only
+    ("tracking.uri=http://127.0.0.1:5000", "tracking.uri=http://127.0.0.1:5000", None, None),
+    ("tracking.uri=postgresql://u:pw@db/x", "tracking.uri=postgresql://u:pw@db/x", None, None),  # check_uri's
+    ("model.path=http://u:pw@host/ckpt", "model.path=http://u:pw@host/ckpt", None, None),  # not the tracking URI
+])
+def test_uri_credentials_leave_the_command_line_for_mlflows_variables(arg, expected, user, password, monkeypatch):
+    monkeypatch.delenv(USER_ENV, raising=False)
+    monkeypatch.delenv(PASSWORD_ENV, raising=False)
+    assert take_uri_credentials(["-m", arg, "quant=fp16"]) == ["-m", expected, "quant=fp16"]
+    assert (os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV)) == (user, password)
+
+
+@pytest.mark.parametrize("uri, pattern", [
+    ("http://alice:s3cret@127.0.0.1:5000", "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead"),
+    ("postgresql://kvexp:s3cret@db/mlflow", "PGPASSWORD or ~/.pgpass"),
+])
+def test_credentials_left_in_the_tracking_uri_are_refused(uri, pattern):
+    with pytest.raises(ConfigError, match=pattern) as e:
+        check_uri(uri)
+    assert "s3cret" not in str(e.value) and str(e.value).startswith("tracking.uri=")
+    check_uri("postgresql://kvexp@db/mlflow")  # a user name alone, as in the README's server: no secret
 
 
 def test_every_way_into_the_store_is_scrubbed(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 
 from kvexp import organism
 from kvexp.checkpoint import unreachable
-from kvexp.config import CalibConfig
+from kvexp.config import CalibConfig, QuantConfig
 from kvexp.errors import ConfigError
 
 # name -> (load_dataset args, split, text field). cnn_dailymail is TensorRT-LLM's and ModelOpt's default.
@@ -28,13 +28,46 @@ def calibration_texts(calib: CalibConfig) -> list[str]:
         return organism.documents(calib.num_samples, calib.seq_len, seed="calib")
     if name in HUB_DATASETS:
         return _hub_texts(name, calib.num_samples)
+    return _file_texts(name)
+
+
+def needs_calib(quant: QuantConfig) -> bool:
+    """Whether building this quantization reads calibration text: AWQ weights, static KV scales."""
+    return quant.weights.algo == "awq" or (quant.kv_cache.dtype != "auto" and quant.kv_cache.scale == "static")
+
+
+def check_calib(calib: CalibConfig) -> None:
+    """Preflight: a local calibration file exists and holds UTF-8 text (ConfigError naming quant.calib.dataset).
+    The builtin and organism sources are shipped; the Hub's are checked when loaded (that needs the network)."""
+    if calib.dataset not in ("builtin", "organism", *HUB_DATASETS):
+        _file_texts(calib.dataset)
+
+
+def _file_texts(name: str) -> list[str]:
+    """The passages of a local .txt file (blank-line separated) or the "text" fields of a .jsonl file."""
+    field = f"quant.calib.dataset={name}"
     path = Path(name).expanduser()
     if not path.is_file():
-        raise ConfigError(f"quant.calib.dataset={name}: not builtin, organism, {', '.join(HUB_DATASETS)}, or an "
-                          "existing .txt/.jsonl file")
+        raise ConfigError(f"{field}: not builtin, organism, {', '.join(HUB_DATASETS)}, or an existing .txt/.jsonl "
+                          "file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{field}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); give a "
+                          ".txt or .jsonl file of text") from e
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read it ({e.strerror})") from e
     if path.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
-    return [p for p in path.read_text().split("\n\n") if p.strip()]
+        try:
+            texts = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f'{field}: each line of a .jsonl file must be a JSON object with a "text" field '
+                              f"({type(e).__name__}: {e})") from e
+    else:
+        texts = [p for p in text.split("\n\n") if p.strip()]
+    if not any(t.strip() for t in texts):
+        raise ConfigError(f"{field}: no text in it; give a file with the text to calibrate on")
+    return texts
 
 
 def _hub_texts(name: str, n: int) -> list[str]:
