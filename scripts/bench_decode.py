@@ -51,6 +51,8 @@ QWEN_15B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, interme
 SHAPES = {"llama-3.2-1b": LLAMA_1B, "qwen2.5-1.5b": QWEN_15B}
 QUANTS = {"fp16": [], "int8kv": [], "fp8kv": [], "awq": ["quant.weights.algo=rtn"],
           "awq_int8kv": ["quant.weights.algo=rtn"]}
+KV_QUANTS = ("fp16", "int8kv", "fp8kv", "int4kv")  # --kv: the KV formats end to end against fp16
+KV_SHAPES = [(512, 1), (32000, 8)]  # TTFT at a short prompt; decode where the cache outweighs the weights
 # (b) at 512 context: name -> (quant preset, overrides, dense kernel, packed kernel); the first is the baseline
 KERNEL_VARIANTS = {
     "fp16 cublas": ("fp16", [], "cublas", "auto"),
@@ -207,11 +209,18 @@ def ceilings(c: dict, ctx: int, group: int = 128) -> list[dict]:
     return rows
 
 
-def part_b(ckpt: Path, shapes: list[tuple[int, int]], gen: int, iters: int, bw: float) -> list[dict]:
-    """Each quant preset with the kernels kvexp picks ('auto'), at the given (context, batch) shapes."""
+def part_b(ckpt: Path, shapes: list[tuple[int, int]], gen: int, iters: int, bw: float,
+           quants: tuple = tuple(QUANTS)) -> list[dict]:
+    """Each quant preset with the kernels kvexp picks ('auto'), at the given (context, batch) shapes; tok/s and
+    TTFT also as ratios to the first preset's (fp16) at the same shape."""
     rows = []
-    for quant, extra in QUANTS.items():
+    for quant in quants:
+        extra = QUANTS.get(quant, [])
         rows += run_engine(ckpt, quant, quant, extra, "auto", "auto", shapes, gen, iters, bw, False)[0]
+    base = {(r["ctx"], r["batch"]): r for r in rows if r["variant"] == quants[0]}
+    for r in rows:
+        if (b := base.get((r["ctx"], r["batch"]))) is not None:
+            r["vs_fp16"], r["ttft_vs_fp16"] = r["tok_s"] / b["tok_s"], r["ttft_ms"] / b["ttft_ms"]
     return rows
 
 
@@ -271,11 +280,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
     ap.add_argument("--json", type=Path, help="also write the results here (rewritten after every part)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "k", "kernels", "b", "hf", "p"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "k", "kernels", "b", "kv", "hf", "p"])
     ap.add_argument("--models", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--tune", action="store_true", help="first sweep the attention and linear kernels' configs")
     ap.add_argument("--budget-s", type=float, help="skip the parts that would start after this many seconds")
     ap.add_argument("--sweep", action="store_true", help="part (a) adds the context sweep per KV format")
+    ap.add_argument("--kv", action="store_true", help="the KV formats end to end against fp16 (KV_SHAPES)")
     args = ap.parse_args()
     start = time.perf_counter()
     bw = copy_bandwidth("cuda")
@@ -322,6 +332,9 @@ def main() -> None:
             print(f"\n(b) {model}: kernels side by side, 512 context\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
             for name, prof in profiles.items():
                 print(f"\n(p) {model}, {name}: one decode step, batch 1\n" + table(prof[:25] + prof[-1:], list(prof[0])))
+        if args.kv and go(f"kv:{model}"):
+            results.setdefault("kv", {})[model] = rows = part_b(ckpt, KV_SHAPES, gen // 2, iters, bw, KV_QUANTS)
+            print(f"\n(kv) {model}: KV formats end to end\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
         if not args.quick and model == "llama-3.2-1b" and go(f"b:{model}"):
             results["e2e"] = part_b(ckpt, [(32768, 1), (32768, 8)], gen, iters, bw)
             print("\n(b, c) end-to-end decode, 32k\n" + table(results["e2e"], [c for c in results["e2e"][0] if c != "kernels"]))
