@@ -9,10 +9,12 @@ gptqmodel and a pre-quantized checkpoint), so quant.weights other than unquantiz
 from __future__ import annotations
 
 import gc
+import inspect
 import logging
 import resource
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Sequence
 
 import torch
@@ -92,14 +94,19 @@ class HfEngine(Engine):
         config = self.model.config
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         check_context(self.spec, config.max_position_embeddings)
+        # what bench/perf.py's roofline reads: an untied embedding table is not read by a decode step
+        self.arch = SimpleNamespace(tie_embeddings=bool(config.tie_word_embeddings))
         # every generate() runs exactly max_new_tokens (timings comparable with engine=torch): no EOS stop
         self.model.generation_config.eos_token_id = None
         self.model.generation_config.pad_token_id = self._pad_id()
         self.kv_dtype = self.spec.cfg.quant.kv_cache.dtype
+        # transformers 5.24 renamed past_key_values to cache (the old name goes in 5.40); the GPU machine has 5.17
+        self.cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self.compiled = self.options.compile and self.device.type == "cuda" and self.kv_dtype == "auto"
         metrics = {}
-        if self.compiled:
+        if self.compiled:  # hf.compile_failed=1: it was tried and failed (the warning is in the run's log)
             metrics["hf.compile_s"] = self._warm_compile()
+            metrics["hf.compile_failed"] = float(not self.compiled)
         metrics["hf.compiled"] = float(self.compiled)
         self._sync()
         return BuildInfo(build_s=time.perf_counter() - start, metrics=metrics)
@@ -112,14 +119,15 @@ class HfEngine(Engine):
         """Compile once at build, so a torch.compile failure is found here and the run goes on eager, recorded
         (hf.compiled=0) and logged, rather than failing mid-benchmark."""
         start = time.perf_counter()
-        try:
-            self.generate([[self._pad_id()] * 8], 4)
-        except Exception as e:  # Dynamo/Inductor raise many types; every one means "this stack cannot compile it"
-            log.warning("engine=hf: torch.compile failed (%s: %s); running eager", type(e).__name__,
-                        str(e).splitlines()[0] if str(e) else "")
-            self.compiled = False
-            torch._dynamo.reset()
+        self.generate([[self._pad_id()] * 8], 4)  # a failure falls back to eager inside (_give_up_compile)
         return time.perf_counter() - start
+
+    def _give_up_compile(self, error: Exception) -> None:
+        """Dynamo/Inductor raise many types; every one means this stack cannot compile this model: go eager."""
+        log.warning("engine=hf: torch.compile failed (%s: %s); running eager from here on (metric hf.compiled=0 "
+                    "if this happened at build)", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        self.compiled = False
+        torch._dynamo.reset()
 
     # ---- properties ----
     @property
@@ -160,7 +168,7 @@ class HfEngine(Engine):
 
     def _generate_kwargs(self) -> dict:
         if self.kv_dtype != "auto":
-            return {"past_key_values": self.new_cache(for_generate=True)}
+            return {self.cache_kw: self.new_cache(for_generate=True)}
         if not self.compiled:
             return {"cache_implementation": "static", "disable_compile": True}
         from transformers import CompileConfig
@@ -174,15 +182,27 @@ class HfEngine(Engine):
         total = ids.shape[1] + max_new_tokens
         if total > self.max_seq_len:
             raise ValueError(f"prompt + {max_new_tokens} new tokens = {total} > the model's {self.max_seq_len}")
+        try:
+            out, t0, t1, t2 = self._timed_generate(ids, mask, max_new_tokens)
+        except (torch.OutOfMemoryError, ValueError):
+            raise
+        except Exception as e:  # a new shape recompiles: a compile failure here falls back as at build
+            if not self.compiled:
+                raise
+            self._give_up_compile(e)
+            out, t0, t1, t2 = self._timed_generate(ids, mask, max_new_tokens)
+        return Generations(tokens=out[:, ids.shape[1]:].tolist(), prefill_s=t1 - t0, decode_s=t2 - t1,
+                           decode_steps=max_new_tokens - 1)
+
+    def _timed_generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int):
+        """(output ids [B, T + new], start, first token on the host, end): perf_counter seconds, synchronised."""
         first = _FirstToken()
         t0 = self._sync()
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                   min_new_tokens=max_new_tokens, do_sample=False, streamer=first,
                                   **self._generate_kwargs())
         t2 = self._sync()
-        t1 = first.first_at or t2
-        return Generations(tokens=out[:, ids.shape[1]:].tolist(), prefill_s=t1 - t0, decode_s=t2 - t1,
-                           decode_steps=max_new_tokens - 1)
+        return out, t0, first.first_at or t2, t2
 
     # ---- scoring ----
     @torch.inference_mode()
@@ -211,12 +231,12 @@ class HfEngine(Engine):
         if not ctx or not cont:
             raise ValueError("empty token sequence: every context and continuation needs at least one token")
         cache = self.new_cache()
-        first = self.model(input_ids=torch.tensor([list(ctx)], device=self.device), past_key_values=cache,
-                           use_cache=True).logits[0, -1:]
+        first = self.model(input_ids=torch.tensor([list(ctx)], device=self.device), use_cache=True,
+                           **{self.cache_kw: cache}).logits[0, -1:]
         if len(cont) == 1:
             return first.float().log_softmax(-1).cpu()
-        rest = self.model(input_ids=torch.tensor([list(cont)[:-1]], device=self.device), past_key_values=cache,
-                          use_cache=True).logits[0]
+        rest = self.model(input_ids=torch.tensor([list(cont)[:-1]], device=self.device), use_cache=True,
+                          **{self.cache_kw: cache}).logits[0]
         return torch.cat((first, rest)).float().log_softmax(-1).cpu()
 
     # ---- memory ----

@@ -1,0 +1,133 @@
+"""engine=hf (Hugging Face transformers' own generate) as a peer of engine=torch: the same numbers from the same
+weights, its KV quantization through transformers' QuantizedCache, its refusals, and the sweep with both."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import build_engine, make_spec
+from kvexp.engines.hf import HfEngine, HfOptions
+from kvexp.engines.hf import kv as hf_kv
+from kvexp.errors import KvexpError, MissingDependency, UnsupportedConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_hqq = pytest.mark.skipif(hf_kv.find_spec("hqq") is None, reason="needs hqq (pip install 'kvexp[hf]')")
+# fp32 on the CPU, the same weights, the same math in another order: log-probs agree to rounding. A real bug (a
+# position off by one, the wrong cache entry read) moves them by O(1) nats.
+LOGPROB_ATOL = 1e-4
+
+
+def requests(seed: int) -> list[tuple[list[int], list[int]]]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((20, 5), (30, 12), (7, 1), (12, 9))  # engine=torch's extend pads continuations to the longest:
+    return [(torch.randint(3, 500, (n,), generator=gen).tolist(), torch.randint(3, 500, (m,), generator=gen).tolist())
+            for n, m in shapes]  # kept within max(ctx + cont) so it has room for that padding
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return build_engine("engine=torch"), build_engine("engine=hf")
+
+
+def test_options_mirror_yaml():
+    cfg = yaml.safe_load((ROOT / "conf" / "engine" / "hf.yaml").read_text())
+    assert set(cfg) == {f.name for f in dataclasses.fields(HfOptions)}
+    HfOptions(**cfg)  # the shipped defaults are valid
+
+
+@pytest.mark.parametrize("kv_faithful", [False, True])
+def test_scores_equal_engine_torch(engines, kv_faithful):
+    torch_engine, hf = engines
+    reqs = requests(0)
+    for (_, cont), a, b in zip(reqs, *(e.continuation_logprobs(reqs, kv_faithful=kv_faithful) for e in engines)):
+        assert b.shape == (len(cont), hf.tokenizer.vocab_size) and b.dtype == torch.float32
+        assert torch.allclose(b.exp().sum(-1), torch.ones(len(cont)), atol=1e-4)  # log-softmax rows
+        assert (a - b).abs().max().item() < LOGPROB_ATOL
+
+
+def test_greedy_tokens_equal_engine_torch_with_mixed_lengths(engines):
+    """Left padding (transformers) and right padding (kvexp) must give every prompt its own continuation."""
+    prompts = [ctx for ctx, _ in requests(1)]
+    a, b = (e.generate(prompts, 12) for e in engines)
+    assert b.tokens == a.tokens and all(len(t) == 12 for t in b.tokens)
+    assert b.decode_steps == 11 and b.prefill_s > 0 and b.decode_s > 0
+
+
+def test_memory_report_matches_engine_torch(engines):
+    a, b = (e.memory() for e in engines)
+    assert b.weight_bytes == a.weight_bytes  # the same tensors, stored the same way (fp32 on the CPU)
+    assert b.kv_bytes_per_token == b.kv_bytes_per_token_formula == a.kv_bytes_per_token
+
+
+def test_cpu_runs_eager_and_says_so():
+    engine = build_engine("engine=hf")
+    info = engine.build()
+    assert info.metrics["hf.compiled"] == 0 and not engine.compiled
+
+
+@needs_hqq
+@pytest.mark.parametrize("backend, dtype", [("hqq", "int8"), ("hqq", "int4"), ("quanto", "int4")])
+def test_quantized_cache_has_one_scale_per_token_and_head(backend, dtype):
+    """Tokens whose magnitudes span 1e5: only per-(token, head) scales keep each within a step of the format.
+    Mean error a quarter step (uniform rounding), which a qmax off by 2x (half a step) fails; HQQ's zero-point
+    optimisation may move single elements up to ~2 steps."""
+    if backend == "quanto" and hf_kv.find_spec("optimum") is None:
+        pytest.skip("needs optimum-quanto")
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=1, hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
+    cache = hf_kv.quantized_cache(config, dtype, backend, residual_length=1, head_dim=32)
+    gen = torch.Generator().manual_seed(7)
+    k = torch.randn(2, 2, 40, 32, generator=gen) * torch.logspace(-3, 2, 40)[None, None, :, None]
+    cache.update(k, -k, 0)
+    back, _ = cache.update(torch.zeros(2, 2, 1, 32), torch.zeros(2, 2, 1, 32), 0)  # what the next step reads
+    step = (k.amax(-1) - k.amin(-1)) / (2 ** hf_kv.BITS[dtype] - 1)
+    err = (back[:, :, :40] - k).abs()
+    assert (err.mean(-1) / step).mean().item() < 0.3
+    assert (err.amax(-1) / step).max().item() < 2.0
+
+
+@needs_hqq
+def test_int8_kv_is_read_back_quantized_and_smaller(engines):
+    """KV-faithful scores read the context back through the quantized cache: they move, a little; one-pass scores
+    never read the cache and stay put (DESIGN.md)."""
+    _, fp16 = engines
+    int8 = build_engine("engine=hf", "quant=int8kv")
+    reqs = requests(2)
+    faithful = [(a - b).abs().max().item() for a, b in zip(int8.continuation_logprobs(reqs, kv_faithful=True),
+                                                          fp16.continuation_logprobs(reqs, kv_faithful=True))]
+    one_pass = [(a - b).abs().max().item() for a, b in zip(int8.continuation_logprobs(reqs, kv_faithful=False),
+                                                          fp16.continuation_logprobs(reqs, kv_faithful=False))]
+    assert 0 < max(faithful) < 0.1 and max(one_pass) == 0
+    mem, ref = int8.memory(), fp16.memory()
+    d = fp16.head_dim  # int8 values plus an fp32 scale and zero per (token, head), against fp32 values
+    assert mem.kv_bytes_per_token == mem.kv_bytes_per_token_formula
+    assert mem.kv_bytes_per_token / ref.kv_bytes_per_token == (d + 2 * 4) / (4 * d)
+    assert len(int8.generate([c for c, _ in reqs], 4).tokens[0]) == 4
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (("quant=awq",), ["quant.weights", "engine=hf", "engine=torch"]),
+    (("quant=fp8kv",), ["quant.kv_cache.dtype=fp8", "engine=torch"]),
+    (("quant=int8kv_static",), ["quant.kv_cache.scale=static", "engine=hf"]),
+    (("quant=int8kv", "engine.kv_backend=quanto"), ["engine.kv_backend=quanto", "engine.kv_backend=hqq"]),
+    (("bench.profile=torch",), ["bench.profile=torch", "engine=torch"]),
+    (("engine.kv_backend=bnb",), ["engine.kv_backend=bnb", "hqq, quanto"]),
+])
+def test_what_it_cannot_run_is_refused_in_one_line(overrides, words):
+    with pytest.raises(KvexpError) as e:
+        make_spec("engine=hf", *overrides)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_a_missing_backend_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(hf_kv, "find_spec", lambda name: None)
+    with pytest.raises(MissingDependency, match=r"pip install hqq"):
+        make_spec("engine=hf", "quant=int8kv")
+    with pytest.raises(MissingDependency, match=r"pip install optimum-quanto"):
+        make_spec("engine=hf", "quant=int4kv", "engine.kv_backend=quanto")
+
