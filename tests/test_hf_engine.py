@@ -131,3 +131,33 @@ def test_a_missing_backend_names_the_pip_command(monkeypatch):
     with pytest.raises(MissingDependency, match=r"pip install optimum-quanto"):
         make_spec("engine=hf", "quant=int4kv", "engine.kv_backend=quanto")
 
+
+
+def test_compare_shows_each_engine_against_its_own_fp16_and_against_hf():
+    from kvexp.compare import Row, tables
+
+    def row(engine, quant, tok_s, peak):
+        return Row(run_id=engine + quant, name=engine + quant, model="m", quant=quant, context="short", prompt_len=8,
+                   gen_len=4, engine=engine, config_hash=(engine + quant) * 8, sweep_id="s",
+                   metrics={"perf.decode_tok_s": tok_s, "mem.peak_bytes": peak})
+
+    rows = [row("hf", "fp16", 100.0, 4096.0), row("hf", "int8kv", 50.0, 2048.0),
+            row("torch", "fp16", 300.0, 4096.0), row("torch", "int8kv", 330.0, 1024.0), row("torch", "awq", 400.0, 1.0)]
+    tabs, _ = tables(rows, rows)
+    main = next(t for t in tabs if t.title.startswith("fidelity"))
+    col = main.headers.index("tok/s")
+    by_run = {(c[0], c[3], c[1]): c[col] for c in main.cells}  # (model, engine, quant) -> cell
+    assert by_run[("m", "hf", "int8kv")] == "50 (0.5x)" and by_run[("m", "torch", "int8kv")] == "330 (1.1x)"
+    peer = next(t for t in tabs if "vs engine=hf" in t.title)
+    assert [(c[1], c[3]) for c in peer.cells] == [("fp16", "torch"), ("int8kv", "torch")]  # awq: no hf row
+    tok, mem = peer.headers.index("tok/s"), peer.headers.index("peak mem")
+    assert [c[tok] for c in peer.cells] == ["300 (3x)", "330 (6.6x)"]
+    assert peer.cells[1][mem] == "1 KiB (0.5x)"
+
+
+def test_compare_has_no_hf_table_without_hf_rows():
+    from kvexp.compare import Row, tables
+
+    rows = [Row(run_id="a", name="a", model="m", quant="fp16", context="short", prompt_len=8, gen_len=4,
+                engine="torch", config_hash="a" * 8, sweep_id="s", metrics={"perf.decode_tok_s": 1.0})]
+    assert not any("vs engine=hf" in t.title for t in tables(rows, rows)[0])
