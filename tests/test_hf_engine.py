@@ -12,7 +12,8 @@ import yaml
 from conftest import build_engine, make_spec
 from kvexp.engines.hf import HfEngine, HfOptions
 from kvexp.engines.hf import kv as hf_kv
-from kvexp.errors import KvexpError, MissingDependency, UnsupportedConfig
+from kvexp.errors import KvexpError, MissingDependency
+from kvexp.tracking import TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_hqq = pytest.mark.skipif(hf_kv.find_spec("hqq") is None, reason="needs hqq (pip install 'kvexp[hf]')")
@@ -161,3 +162,38 @@ def test_compare_has_no_hf_table_without_hf_rows():
     rows = [Row(run_id="a", name="a", model="m", quant="fp16", context="short", prompt_len=8, gen_len=4,
                 engine="torch", config_hash="a" * 8, sweep_id="s", metrics={"perf.decode_tok_s": 1.0})]
     assert not any("vs engine=hf" in t.title for t in tables(rows, rows)[0])
+
+
+def test_the_sweep_with_hf_awq_is_refused_before_anything_runs(in_tmp):
+    """transformers' AWQ loader needs gptqmodel and a pre-quantized checkpoint: refused at validation, one line,
+    naming the engines that run it; nothing is tracked."""
+    from test_sweep import kvexp_run
+
+    proc = kvexp_run(in_tmp, "-m", "engine=torch,hf", "quant=fp16,int8kv,awq", "experiment=smoke")
+    assert proc.returncode == 2 and not (in_tmp / "mlruns" / "mlflow.db").exists()
+    assert proc.stderr.strip() == ("kvexp: error: quant.weights (dtype=int4, algo=awq): not supported by engine=hf; "
+                                   "supported by engine=torch|trtllm")
+
+
+@pytest.mark.slow
+@needs_hqq
+def test_sweep_runs_both_engines_and_compares_them(in_tmp):
+    """engine=torch,hf x fp16,int8kv on the tiny model (about 70 s on 2 cores): four FINISHED runs, each engine's
+    int8kv against its own fp16, and the table of torch against hf per preset."""
+    from test_sweep import METRICS, kvexp_run, runs_in
+
+    proc = kvexp_run(in_tmp, "-m", "engine=torch,hf", "quant=fp16,int8kv", "experiment=smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "4 finished, 0 failed" in proc.stdout and "vs engine=hf with the same model, quant and context" in proc.stdout
+    jobs = {(r.data.tags[TAG + "engine"], r.data.tags[TAG + "quant"]): r for r in runs_in(in_tmp)
+            if r.data.tags.get(TAG + "sweep") != "true"}
+    assert set(jobs) == {(e, q) for e in ("torch", "hf") for q in ("fp16", "int8kv")}
+    for (engine, quant), r in jobs.items():
+        assert set(METRICS) <= set(r.data.metrics), (engine, quant, set(METRICS) - set(r.data.metrics))
+        assert any(k.startswith("acc.kvexp_ppl.") for k in r.data.metrics)
+    hf = jobs["hf", "fp16"].data
+    assert hf.metrics["hf.compiled"] == 0 and hf.params["engine.kv_backend"] == "hqq"  # a CPU row says eager
+    assert hf.metrics["fid.greedy_agree"] == 1 and hf.metrics["fid.kl_mean"] == 0
+    assert jobs["hf", "int8kv"].data.metrics["mem.kv_bytes_per_token"] < hf.metrics["mem.kv_bytes_per_token"]
+    ppl = "acc.kvexp_ppl.byte_perplexity"  # the same weights: the fp16 rows of both engines score alike
+    assert jobs["torch", "fp16"].data.metrics[ppl] == pytest.approx(hf.metrics[ppl], rel=1e-5)
