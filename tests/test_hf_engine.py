@@ -197,3 +197,80 @@ def test_sweep_runs_both_engines_and_compares_them(in_tmp):
     assert jobs["hf", "int8kv"].data.metrics["mem.kv_bytes_per_token"] < hf.metrics["mem.kv_bytes_per_token"]
     ppl = "acc.kvexp_ppl.byte_perplexity"  # the same weights: the fp16 rows of both engines score alike
     assert jobs["torch", "fp16"].data.metrics[ppl] == pytest.approx(hf.metrics[ppl], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_organism_recall_and_greedy_tokens_agree_across_engines(tmp_path):
+    """builtin:organism (trained once per session, ~80 s) at fp16 on both engines: the same weights, so lm-eval's
+    recall agrees within its stderr, and greedy generation of the fidelity prompts is token for token the same."""
+    from conftest import compose
+    from kvexp.config import validate
+    from kvexp.evaluate import fidelity
+    from kvexp.evaluate.accuracy import evaluate_accuracy
+
+    scores, observed = {}, {}
+    for name in ("torch", "hf"):
+        spec = validate(compose("experiment=organism", f"engine={name}", "quant=fp16"))
+        engine = build_engine("experiment=organism", f"engine={name}", "quant=fp16")
+        try:
+            metrics = evaluate_accuracy(engine, spec, tmp_path / name)
+            observed[name] = fidelity.observe(engine, spec)
+        finally:
+            engine.close()
+        scores[name] = {k: v for k, v in metrics.items() if k.startswith("acc.kvexp_recall.")}
+    recall = next(k for k in scores["torch"] if "_stderr" not in k)
+    stderr = max(scores[n][recall.replace("exact_match", "exact_match_stderr")] for n in scores)
+    assert scores["torch"][recall] > 0.5  # the organism recalls: agreement is not two zeros
+    assert abs(scores["torch"][recall] - scores["hf"][recall]) <= stderr, scores
+    agree = fidelity.compare(observed["torch"], observed["hf"])
+    assert agree["fid.greedy_agree"] == 1.0 and agree["fid.top1_agree"] == 1.0 and agree["fid.kl_mean"] < 1e-6
+
+
+def test_a_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    """What the CUDA path does when torch.compile fails (simulated on the CPU): the same tokens, eager, logged."""
+    engine = build_engine("engine=hf")
+    prompts = [ctx for ctx, _ in requests(3)]
+    eager = engine.generate(prompts, 5).tokens
+    real = engine.model.generate
+
+    def failing(*args, **kwargs):
+        if "compile_config" in kwargs:
+            raise RuntimeError("inductor: simulated failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "generate", failing)
+    engine.compiled = True
+    assert engine._warm_compile() >= 0 and not engine.compiled  # at build: the run records hf.compile_failed=1
+    engine.compiled = True
+    with caplog.at_level("WARNING"):
+        assert engine.generate(prompts, 5).tokens == eager and not engine.compiled
+    assert "torch.compile failed (RuntimeError: inductor: simulated failure)" in caplog.text
+
+
+def test_bench_rows_put_each_engine_against_hf():
+    from kvexp.engines.hf.bench import engine_rows, with_ratios
+
+    rows = with_ratios(engine_rows("builtin:tiny", [(16, 2)], gen=4, iters=1, device="cpu", dtype="float32"))
+    assert [(r["engine"], r["quant"], r["ctx"], r["batch"]) for r in rows] == [("torch", "fp16", 16, 2),
+                                                                              ("hf", "fp16", 16, 2)]
+    torch_row, hf_row = rows
+    assert hf_row["compiled"] == 0 and torch_row["compiled"] is None and "x_hf_tok_s" not in hf_row
+    assert torch_row["x_hf_tok_s"] == torch_row["tok_s"] / hf_row["tok_s"] and hf_row["ttft_ms"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_hf_matches_engine_torch():
+    """The GPU path as transformers documents it (static cache + torch.compile): it compiles, and in float32 (no
+    bf16 rounding to tell two implementations apart) its greedy tokens equal engine=torch's on CUDA; in bf16 it
+    compiles too and keeps the token count."""
+    gpu = ("engine.device=cuda",)
+    prompts = [ctx for ctx, _ in requests(4)]
+    ref = build_engine("engine=torch", "model.dtype=float32", *gpu)
+    hf = build_engine("engine=hf", "model.dtype=float32", *gpu)
+    assert hf.compiled, "torch.compile fell back to eager: see the warning in the log"
+    for batch in (prompts[:1], prompts):  # batch 1, then mixed lengths (left padding)
+        assert hf.generate(batch, 16).tokens == ref.generate(batch, 16).tokens
+    bf16 = build_engine("engine=hf", "model.dtype=bfloat16", *gpu)
+    assert bf16.compiled and all(len(t) == 16 for t in bf16.generate(prompts, 16).tokens)
+    assert bf16.memory().peak_bytes > 0
