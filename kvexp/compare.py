@@ -208,6 +208,7 @@ def tables(rows: list[Row], pool: list[Row]) -> tuple[list[Table], list[str]]:
     out = [Table(title, LABELS + [c.header for c in cols],
                  [row.labels + [cell(c, row, bases.get(row.config_hash)) for c in cols] for row in rows])
            for title, cols in groups if cols]
+    out += peer_tables(rows)
     notes = [f"(changes) vs the {BASELINE} run of the same model, context and engine on the same machine (device and "
              "library versions): ratio (x) for speed and memory, difference for accuracy and fidelity"]
     for row in rows:
@@ -219,6 +220,26 @@ def tables(rows: list[Row], pool: list[Row]) -> tuple[list[Table], list[str]]:
             notes.append(f"{row.quant} {row.config_hash[:8]}: no FINISHED {BASELINE} run of its model, context and "
                          f"engine on its machine ({row.machine[0]}, the same library versions): no changes shown")
     return out, notes
+
+
+# ---- each engine against engine=hf, what users run instead (issue 19) ----
+PEER_ENGINE = "hf"
+PEER_COLUMNS = [c for c in FIXED if c.ratio]  # speed and memory: what "faster and smaller" means
+
+
+def peer_tables(rows: list[Row]) -> list[Table]:
+    """Per preset, every other engine's row against engine=hf's row of the same model, quant and context
+    (ratio this/hf); none when the rows have no such pair."""
+    def preset(r: Row) -> tuple:  # the same model files, preset, context and machine
+        return r.model_id, r.quant, r.context, r.prompt_len, r.gen_len, r.machine
+
+    peers = {preset(r): r for r in rows if r.engine == PEER_ENGINE}
+    pairs = [(r, peers[preset(r)]) for r in rows if r.engine != PEER_ENGINE and preset(r) in peers]
+    if not pairs:
+        return []
+    return [Table(f"vs engine={PEER_ENGINE} with the same model, quant and context (ratio this/{PEER_ENGINE})",
+                  LABELS + [c.header for c in PEER_COLUMNS],
+                  [row.labels + [cell(c, row, hf) for c in PEER_COLUMNS] for row, hf in pairs])]
 
 
 def render_text(tabs: list[Table], notes: list[str]) -> str:

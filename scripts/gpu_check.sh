@@ -23,7 +23,7 @@ run() {  # run NAME SECONDS CMD...: the part's output to OUT/NAME.log, its exit 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/summary.txt"
 for part in $parts; do
   case $part in
-    tests) run tests "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -k "${TESTS_K:-not slow}" \
+    tests) run tests "${TESTS_S:-240}" python3 -m pytest -q -p no:cacheprovider -m "not slow" \
              tests/test_gpu_engine.py tests/test_kernels.py tests/test_wq_matmul.py tests/test_kv.py tests/test_lm_head.py \
              tests/test_model.py ${HF_TESTS:-} ;;
     attention) run attention "${ATTENTION_S:-110}" python3 -m kvexp.bench.kernels --prefill-write --json "$out/attention.json" ;;

@@ -28,6 +28,7 @@ class Capabilities:
     weight_modes: frozenset = frozenset({("auto", "none")})  # (quant.weights.dtype, quant.weights.algo)
     kv_dtypes: frozenset = frozenset({"auto"})
     kv_scales: frozenset = frozenset({("dynamic", "token")})  # (quant.kv_cache.scale, granularity)
+    lm_heads: frozenset = frozenset({"bf16"})  # quant.weights.lm_head values
     # bench.profile values other than none: bench/profile.py marks the prefill/decode phases of generate() with
     # hooks on the engine's PyTorch `model`, so only an engine that has one can list them.
     profilers: frozenset = frozenset()
@@ -91,6 +92,9 @@ class Engine(ABC):
             raise UnsupportedConfig(
                 f"quant.weights (dtype={weights[0]}, algo={weights[1]}): not supported by engine={cls.name}"
                 + others(lambda c: weights in c.weight_modes))
+        if q.weights.lm_head not in caps.lm_heads:
+            raise UnsupportedConfig(f"quant.weights.lm_head={q.weights.lm_head}: not supported by engine={cls.name}"
+                                    + others(lambda c: q.weights.lm_head in c.lm_heads))
         kv = q.kv_cache
         if kv.dtype not in caps.kv_dtypes:
             raise UnsupportedConfig(

@@ -8,6 +8,7 @@ from kvexp.errors import ConfigError
 ENGINES = {
     "torch": "kvexp.engines.torch_engine:TorchEngine",
     "trtllm": "kvexp.engines.trtllm:TrtllmEngine",
+    "hf": "kvexp.engines.hf:HfEngine",
 }
 
 

@@ -44,6 +44,7 @@ class TorchEngine(Engine):
         weight_modes=frozenset({("auto", "none"), ("int4", "awq"), ("int4", "rtn")}),
         kv_dtypes=frozenset({"auto", "int8", "fp8", "int4"}),
         kv_scales=frozenset({("dynamic", "token"), ("static", "head"), ("static", "tensor")}),
+        lm_heads=frozenset({"bf16", "int8", "int4"}),
         profilers=frozenset({"torch", "ncu", "nsys"}),
     )
     Options = TorchOptions
