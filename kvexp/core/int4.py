@@ -118,7 +118,7 @@ class PackedLinear(nn.Module):
             tinygemm = self.bits == 4 and sm80 and self._prepare_tinygemm()
             kernel = "tinygemm" if tinygemm else "triton" if sm80 and self.group % 32 == 0 else \
                 "dequant" if gpu else "reference"
-        if kernel == "tinygemm" and not self._prepare_tinygemm():
+        if kernel == "tinygemm" and self.tg_weight is None and not self._prepare_tinygemm():
             raise ValueError("kernel=tinygemm: needs int4 bf16 weights on a CUDA sm80+ GPU, group 32-256, "
                              "out_features % 8 == 0 and in_features % 64 == 0")
         if kernel in ("triton", "dequant") and not (sm80 if kernel == "triton" else gpu):
