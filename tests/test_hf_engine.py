@@ -204,7 +204,7 @@ def test_organism_recall_and_greedy_tokens_agree_across_engines(tmp_path):
     """builtin:organism (trained once per session, ~80 s) at fp16 on both engines: the same weights, so lm-eval's
     recall agrees within its stderr, and greedy generation of the fidelity prompts is token for token the same."""
     from conftest import compose
-    from kvexp.config import validate
+    from kvexp.resolve import validate
     from kvexp.evaluate import fidelity
     from kvexp.evaluate.accuracy import evaluate_accuracy
 

@@ -16,9 +16,10 @@ from typing import Sequence
 import torch
 
 from kvexp.bench.perf import measure
-from kvexp.config import BenchConfig, ContextConfig, validate
+from kvexp.config import BenchConfig, ContextConfig
 from kvexp.engines import engine_class
 from kvexp.preflight import compose_job
+from kvexp.resolve import validate
 
 
 def engine_rows(ckpt: str, shapes: Sequence[tuple[int, int]], gen: int, iters: int = 3,
