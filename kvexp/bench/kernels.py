@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from kvexp.core.kernels.decode_attention import (KernelConfig, decode_attention, decode_attention_ref, default_config,
                                             default_num_splits)
-from kvexp.core.kv import FORMATS, dequantize, dynamic_scale, quantize
+from kvexp.core.formats import FORMATS, dequantize, dynamic_scale, quantize
 
 REL_TOL = 1e-2  # ||out - ref|| / ||ref||: bf16 output rounding plus bf16 probabilities in the P @ V dot
 COLD_BYTES = 200e6  # ~4x L2: what one graph walks between two reads of the same input, so they come from HBM

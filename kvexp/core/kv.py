@@ -1,67 +1,17 @@
-"""KV-cache quantization: the number formats, their reference (pure PyTorch) math, and the cache classes.
+"""KV caches: a dense one in the model dtype and quantized ones in kvexp.core.formats' formats.
 
 Layout (every layer, every format): values [B, Hkv, T, D] (int4: [B, Hkv, T, D/2] uint8, two nibbles),
 dynamic scales [B, Hkv, T] (one per token and head), static scales [Hkv] float32 (per head; a
 per-tensor scale is the same value repeated). Keys are stored after RoPE, as attention reads them.
-Dequantization is x = q * scale (int4: (nibble - 8) * scale). Scales are stored as bfloat16: 2 bytes keep
-int8 KV at 66/128 of bf16's bytes for head_dim 64, and bf16's range never underflows; values are
-quantized with the stored (rounded) scale, so the round trip is exactly what the kernels read.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-SCALE_DTYPE = torch.bfloat16
-
-
-@dataclass(frozen=True)
-class KVFormat:
-    name: str
-    storage: torch.dtype
-    qmax: float  # largest representable magnitude of the quantized value
-    bits: int
-
-    @property
-    def packed(self) -> bool:
-        return self.bits == 4
-
-
-FORMATS = {
-    "int8": KVFormat("int8", torch.int8, 127.0, 8),
-    "fp8": KVFormat("fp8", torch.float8_e4m3fn, 448.0, 8),
-    "int4": KVFormat("int4", torch.uint8, 7.0, 4),
-}
-
-
-def dynamic_scale(x: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
-    """Per-vector scale over the last dim: x [..., D] -> [...] in SCALE_DTYPE (never zero)."""
-    amax = x.float().abs().amax(-1).clamp_min(1e-6)
-    return (amax / fmt.qmax).to(SCALE_DTYPE)
-
-
-def quantize(x: torch.Tensor, scale: torch.Tensor, fmt: KVFormat) -> torch.Tensor:
-    """x [..., D] with scale broadcastable to x[..., 0] -> storage [..., D] (int4: [..., D/2])."""
-    y = x.float() / scale.float()[..., None]
-    if fmt.name == "fp8":
-        return y.clamp(-fmt.qmax, fmt.qmax).to(fmt.storage)
-    q = torch.round(y).clamp(-fmt.qmax - (1 if fmt.packed else 0), fmt.qmax)
-    if not fmt.packed:
-        return q.to(torch.int8)
-    u = (q + 8).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: KVFormat, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of quantize: storage [..., D or D/2] -> [..., D] in dtype (math in float32)."""
-    if fmt.packed:
-        lo, hi = (q & 0xF).float() - 8, (q >> 4).float() - 8
-        vals = torch.stack((lo, hi), -1).flatten(-2)
-    else:
-        vals = q.float()
-    return (vals * scale.float()[..., None]).to(dtype)
+from kvexp.core.formats import FORMATS, SCALE_DTYPE, KVFormat, dequantize, dynamic_scale, quantize  # noqa: F401
+from kvexp.core.kernels.kv_write import write_kv
 
 
 class KVCache:
@@ -98,8 +48,6 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         """k, v [B, Hkv, n, D] written at positions pos[b] .. pos[b]+n-1 of each sequence."""
         if self.fused_write:
-            from kvexp.core.kernels.kv_write import write_kv
-
             # one fresh [2, B, Hkv, n, D] tensor: k and v get identical strides (compiled ops may give size-1 dims
             # of otherwise contiguous tensors any stride, and the kernel shares one set of strides)
             kv = torch.stack((k, v))

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvexp import artifacts
-from kvexp.core.kv import FORMATS
+from kvexp.core.formats import FORMATS
 from kvexp.quant.weights import artifact_key
 
 if TYPE_CHECKING:

@@ -32,7 +32,7 @@ import torch
 
 from kvexp.core.kernels import require_triton
 from kvexp.core.kernels.kv_write import DYNAMIC, FMT_CODES, MODEL_DTYPES, NO_SCALE, STATIC, scale_mode, scale_strides
-from kvexp.core.kv import FORMATS, dequantize
+from kvexp.core.formats import FORMATS, dequantize
 
 try:
     import triton

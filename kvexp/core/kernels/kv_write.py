@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from kvexp.core.kernels import require_triton
-from kvexp.core.kv import FORMATS
+from kvexp.core.formats import FORMATS
 
 try:
     import triton
