@@ -71,13 +71,20 @@ def open_store(plan: preflight.Plan) -> Tracker:
     tracker.prepare()
     for run, reason in tracker.reap_stale(tracker.running()):
         print(f"kvexp: note: run {run.info.run_name} ({run.info.run_id}) was left RUNNING: marked KILLED ({reason})")
+    if note := legacy_note(tracker):
+        print(note)
+    return tracker
+
+
+def legacy_note(tracker: Tracker) -> Optional[str]:
+    """Said once per store: until the first run of a kvexp that hashes the resolved build is logged there."""
     jobs = tracker.jobs()
     legacy = sum(TAG + "numerics" not in r.data.tags for r in jobs)
-    if legacy == len(jobs) and legacy:  # said once: until the first run of this kvexp is logged
-        print(f"kvexp: note: the {legacy} run(s) in this store predate run hashes over the resolved build (model file "
-              "contents, device, library versions); compare and reproduce still find them, and a job like one of "
-              "them runs again as a new run")
-    return tracker
+    if not jobs or legacy < len(jobs):
+        return None
+    return (f"kvexp: note: the {legacy} run(s) in this store predate run hashes over the resolved build (model file "
+            "contents, device, library versions); compare and reproduce still find them, and a job like one of them "
+            "runs again as a new run")
 
 
 def launch() -> Optional[str]:

@@ -193,3 +193,20 @@ def test_the_core_imports_no_experiment_layer():
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_store_from_before_is_said_once_and_still_read(tmp_path):
+    """Runs logged before run hashes covered the build: a note until this kvexp logs its first run there."""
+    from kvexp.job import run_tags
+    from kvexp.run import legacy_note
+    from kvexp.tracking import TAG, Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "kvexp")
+    assert legacy_note(tracker) is None  # an empty store: nothing to say
+    old = tracker.start_run("old", {TAG + "config_hash": "a" * 64})
+    tracker.end(old, "FINISHED")
+    assert "the 1 run(s) in this store predate" in legacy_note(tracker)
+    assert tracker.find_finished("a" * 64) is not None  # still found
+    new = tracker.start_run("new", run_tags(make_spec()))
+    tracker.end(new, "FINISHED")
+    assert legacy_note(tracker) is None
