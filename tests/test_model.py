@@ -104,3 +104,19 @@ def test_decode_step_through_the_triton_linears_matches_the_reference_path(monke
         ref, out = outs
         assert not out.isnan().any()
         assert ((out - ref).norm() / ref.norm()).item() < 5e-3, quant  # fp16 roundings only
+
+
+def test_kv_faithful_scoring_of_ragged_requests_fits_the_cache():
+    """A long context with a short continuation beside a short context with a long one: every continuation is
+    padded to the longest, so the cache must hold the longest context plus the longest continuation (it held the
+    longest context + continuation, and the first request wrote past its end). Unquantized, KV-faithful scores
+    equal one-pass scores."""
+    from conftest import build_engine
+
+    engine = build_engine("quant=fp16")
+    reqs = [(list(range(3, 36)), [40]), (list(range(5, 12)), list(range(50, 59)))]
+    faithful = engine.continuation_logprobs(reqs, kv_faithful=True)
+    one_pass = engine.continuation_logprobs(reqs, kv_faithful=False)
+    assert [t.shape[0] for t in faithful] == [1, 9]
+    for a, b in zip(faithful, one_pass):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)

@@ -215,7 +215,9 @@ class TorchEngine(Engine):
         """Prefill contexts into the cache, then extend with the continuations (minus their last token), so every
         continuation position after the first reads K/V back from the (quantized) cache, as decode does."""
         ctx, ctx_lens = self._padded([c for c, _ in chunk])
-        cache = self.new_cache(len(chunk), max(len(c) + len(x) for c, x in chunk))
+        # every continuation is padded to the longest, so a long context with a short continuation still writes
+        # max continuation positions past its context
+        cache = self.new_cache(len(chunk), max(len(c) for c, _ in chunk) + max(len(x) for _, x in chunk))
         hidden = self.model(ctx, torch.zeros_like(ctx_lens), cache, "prefill")
         first = hidden[torch.arange(len(chunk), device=self.device), ctx_lens - 1]  # predicts cont[0]
         rest = None
