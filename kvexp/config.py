@@ -122,7 +122,7 @@ class KvexpConfig:
 
 
 # Keys that do not change results, left out of a run's params: where things are written, and labels.
-HASH_EXCLUDE = (
+PARAM_EXCLUDE = (
     "tracking", "force", "cache_dir", "engine.dry_run",
     "model.name", "quant.name", "context.name", "eval.name", "bench.name",
 )
@@ -182,7 +182,7 @@ def _get(container: dict, dotted: str) -> Any:
 def canonical(cfg: DictConfig | dict) -> dict:
     """The resolved config as plain data, without the keys that do not change results (what a run logs as params)."""
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else json.loads(json.dumps(cfg))
-    for dotted in HASH_EXCLUDE:
+    for dotted in PARAM_EXCLUDE:
         *parents, leaf = dotted.split(".")
         node = data
         for p in parents:
