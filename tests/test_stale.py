@@ -128,17 +128,19 @@ def test_compare_pairs_a_run_only_with_a_baseline_of_its_machine():
 
 
 def test_two_jobs_in_one_process_do_not_share_a_peak():
-    """The second job's peak is its own, not the first one's 1 GiB (ru_maxrss is the process's lifetime peak)."""
+    """The second job's peak is its own, not the first one's 1 GiB (ru_maxrss is the process's lifetime peak).
+    Measured against this process's own resident memory, which a long test session has grown."""
     from conftest import build_engine
 
-    cpu = torch.device("cpu")
+    cpu, gib = torch.device("cpu"), 1 << 30
     memory.reset_peak(cpu)
-    big = torch.ones(1 << 28)  # 1 GiB, pages touched
-    assert memory.peak_bytes(cpu) >= big.numel() * 4
+    base = memory.peak_bytes(cpu)
+    big = torch.ones(gib // 4)  # 1 GiB, pages touched
+    assert memory.peak_bytes(cpu) >= base + 0.9 * gib
     del big
     memory.reset_peak(cpu)
     engine = build_engine()
-    assert engine.memory().peak_bytes < (1 << 30) * 0.9, engine.memory().peak_bytes
+    assert engine.memory().peak_bytes < base + 0.5 * gib, (engine.memory().peak_bytes, base)
 
 
 def test_a_full_disk_is_not_called_a_network_problem(monkeypatch):
