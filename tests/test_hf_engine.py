@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import build_engine, make_spec
-from kvexp.engines.hf import HfEngine, HfOptions
+from kvexp.engines.hf import HfOptions
 from kvexp.engines.hf import kv as hf_kv
 from kvexp.errors import KvexpError, MissingDependency
 from kvexp.tracking import TAG
