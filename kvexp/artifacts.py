@@ -139,23 +139,19 @@ def cached(dest: Path, what: str, build: Callable[[Path], None], load: Callable[
     """(load(dest), whether it was built now). build(tmp) writes the artifact (a file, or a directory) at tmp;
     it runs once across processes, under dest's lock, and only when no verified copy exists. A copy that
     verifies but fails to load (a format from an older kvexp) is rebuilt the same way."""
-    for attempt in range(2):
-        if verified(dest, what):
-            try:
-                return load(dest), False
-            except Exception as e:  # any loader error means the same: this copy cannot be used
-                if attempt:
-                    raise
-                log.warning("cached %s at %s cannot be loaded (%s): rebuilding it", what, dest, type(e).__name__)
-                remove(dest)
-        with locked(dest):
-            if verified(dest, what):
-                continue
-            with atomic(dest) as tmp:
-                build(tmp)
-                _seal(tmp, dest.name)
-            return load(dest), True
-    raise AssertionError("unreachable")
+    if verified(dest, what):
+        try:
+            return load(dest), False
+        except Exception as e:  # any loader error means the same: this copy cannot be used
+            log.warning("cached %s at %s cannot be loaded (%s): rebuilding it", what, dest, type(e).__name__)
+            remove(dest)
+    with locked(dest):
+        if verified(dest, what):  # built by another process while this one waited for the lock
+            return load(dest), False
+        with atomic(dest) as tmp:
+            build(tmp)
+            _seal(tmp, dest.name)
+    return load(dest), True
 
 
 # ---- content fingerprints ----

@@ -55,17 +55,17 @@ def build_spec(cfg: KvexpConfig, options, cls=None) -> BuildSpec:
     model_dir = checkpoint.check_path(cfg.model.path)
     device = resolve_device(getattr(options, "device", "auto"))
     dtype = resolve_dtype(cfg.model.dtype, device)
-    q = cfg.quant
+    q, cache_dir = cfg.quant, resolve_cache_dir(cfg.cache_dir)
     kv = KVFormatSpec(q.kv_cache.dtype, q.kv_cache.scale, q.kv_cache.granularity)
     resolved = dataclasses.asdict(options) | ({"device": str(device)} if hasattr(options, "device") else {})
     return BuildSpec(
         engine=options.name, model=cfg.model.path,
-        model_fingerprint=checkpoint.model_fingerprint(cfg.model.path, cfg.model.revision, cfg_cache_dir(cfg)),
+        model_fingerprint=checkpoint.model_fingerprint(cfg.model.path, cfg.model.revision, cache_dir),
         model_dir=None if model_dir is None else str(model_dir), device=str(device), device_name=device_name(device),
         dtype=str(dtype).removeprefix("torch."), weights=WeightFormat(q.weights.dtype, q.weights.algo,
                                                                       q.weights.group_size, q.weights.lm_head),
         kv=kv, attention=cls.attention_impl(kv, device, dtype, options),
-        calib=calib_spec(q, cfg_cache_dir(cfg)) if needs_calib(q) else None, options=resolved,
+        calib=calib_spec(q, cache_dir) if needs_calib(q) else None, options=resolved,
         versions=library_versions())
 
 
@@ -88,10 +88,6 @@ def reference_spec(spec: RunSpec) -> RunSpec:
                                                       spec.build.torch_device, spec.build.torch_dtype,
                                                       spec.engine_options))
     return dataclasses.replace(spec, cfg=cfg, build=build, config_hash=run_hash(cfg, build))
-
-
-def cfg_cache_dir(cfg: KvexpConfig) -> Path:
-    return resolve_cache_dir(cfg.cache_dir)
 
 
 # ---- the machine ----
