@@ -86,6 +86,11 @@ def model_fingerprint(path: str, revision: str | None, cache_dir: Path) -> str:
     return f"hub:{path}@{hub_commit(path, revision)}"
 
 
+def hub_revision(spec: RunSpec) -> str:
+    """The commit a Hub model's fingerprint (hub:<id>@<commit>) was resolved to at preflight."""
+    return spec.build.model_fingerprint.rsplit("@", 1)[1]
+
+
 def read_model_config(path: Path) -> dict:
     return json.loads((path / "config.json").read_text())
 
@@ -93,7 +98,7 @@ def read_model_config(path: Path) -> dict:
 def resolve_model(spec: RunSpec) -> Path:
     """The local directory holding config.json, *.safetensors and the tokenizer (creating/downloading it). A Hub
     model is fetched at the commit its fingerprint names, so the files are the ones the run hash was made of."""
-    path, fp = spec.cfg.model.path, spec.build.model_fingerprint
+    path = spec.cfg.model.path
     if path.startswith(BUILTIN_PREFIX):
         return _builtin(path[len(BUILTIN_PREFIX):], spec.cache_dir)
     if spec.build.model_dir is not None:
@@ -102,7 +107,7 @@ def resolve_model(spec: RunSpec) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(path, revision=fp.rsplit("@", 1)[1], allow_patterns=HUB_PATTERNS,
+        return Path(snapshot_download(path, revision=hub_revision(spec), allow_patterns=HUB_PATTERNS,
                                       local_files_only=_hub_offline()))
     except Exception as e:  # only "unreachable" is the user's to fix; a full disk or a bug is raised as it is
         if not unreachable(e):
@@ -120,7 +125,7 @@ def check_model(spec: RunSpec) -> None:
     elif spec.build.model_dir is not None:
         max_len = read_model_config(Path(spec.build.model_dir)).get("max_position_embeddings")
     else:
-        config = _cached_hub_config(path, spec.build.model_fingerprint.rsplit("@", 1)[1])
+        config = _cached_hub_config(path, hub_revision(spec))
         if config is None:
             return  # a Hub model not downloaded yet: checked after download, in the engine
         max_len = config.get("max_position_embeddings")
