@@ -1,7 +1,9 @@
 """The performance stage of a run: prefill and decode timings, memory, KV bytes, and the roofline fraction.
 
 Timings are medians over bench.iters generate() calls after bench.warmup calls (which also compile kernels
-and capture the CUDA graph); every timed region ends with a device synchronisation.
+and capture the CUDA graph); every timed region ends with a device synchronisation. Each timing metric has its
+spread beside it, <metric>_min and <metric>_max over the timed calls, so that a ratio between two runs can be
+told from noise (kvexp.compare, kvexp.reproduce).
 """
 from __future__ import annotations
 
@@ -51,6 +53,23 @@ def decode_bytes_per_step(engine: Engine, mem, batch: int, context: int) -> floa
     return weights + mem.kv_bytes_per_token * batch * context
 
 
+def spread(name: str, values: list[float]) -> dict[str, float]:
+    """name: the median of values, with name_min and name_max."""
+    return {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
+
+
+def capacity(mem, device, batch: int, seq_tokens: int) -> dict[str, float]:
+    """mem.kv_capacity_tokens and mem.max_batch: what the memory left after the weights and the runtime's working
+    memory (the benchmark's peak less its weights and KV cache, at this batch and context) holds of this KV
+    format, in tokens and in sequences of the run's context."""
+    kv_cache = mem.kv_bytes_per_token * batch * seq_tokens
+    working = max(0, mem.peak_bytes - mem.weight_bytes - kv_cache)
+    tokens, max_batch = memory.kv_capacity(memory.budget_bytes(device), mem.weight_bytes, working,
+                                           mem.kv_bytes_per_token, seq_tokens)
+    return {"mem.kv_cache_bytes": kv_cache, "mem.working_bytes": working, "mem.kv_capacity_tokens": tokens,
+            "mem.max_batch": max_batch}
+
+
 def measure(engine: Engine, spec: RunSpec) -> dict[str, float]:
     b, ctx = spec.cfg.bench, spec.cfg.context
     prompts = bench_prompts(engine, b.batch_size, ctx.prompt_len, spec.cfg.seed)
@@ -60,19 +79,20 @@ def measure(engine: Engine, spec: RunSpec) -> dict[str, float]:
     for _ in range(b.warmup):
         engine.generate(prompts, ctx.gen_len)
     runs = [engine.generate(prompts, ctx.gen_len) for _ in range(b.iters)]
-    prefill = statistics.median(r.prefill_s for r in runs)
-    out = {"perf.ttft_ms": prefill * 1e3, "perf.prefill_tok_s": b.batch_size * ctx.prompt_len / prefill,
-           "perf.e2e_tok_s": b.batch_size * ctx.gen_len / statistics.median(r.prefill_s + r.decode_s for r in runs)}
+    out = spread("perf.ttft_ms", [r.prefill_s * 1e3 for r in runs])
+    out |= spread("perf.prefill_tok_s", [b.batch_size * ctx.prompt_len / r.prefill_s for r in runs])
+    out |= spread("perf.e2e_tok_s", [b.batch_size * ctx.gen_len / (r.prefill_s + r.decode_s) for r in runs])
     mem = engine.memory()
     if ctx.gen_len > 1:
-        tpot = statistics.median(r.decode_s / r.decode_steps for r in runs)
-        out |= {"perf.tpot_ms": tpot * 1e3, "perf.decode_tok_s": b.batch_size / tpot}
+        tpots = [r.decode_s / r.decode_steps for r in runs]
+        tpot = statistics.median(tpots)
+        out |= spread("perf.tpot_ms", [t * 1e3 for t in tpots])
+        out |= spread("perf.decode_tok_s", [b.batch_size / t for t in tpots])
         if cuda:
             step_bytes = decode_bytes_per_step(engine, mem, b.batch_size, ctx.prompt_len + ctx.gen_len // 2)
             bw = copy_bandwidth(str(device))
             out |= {"perf.step_bytes": step_bytes, "perf.copy_bw_gbs": bw / 1e9,
                     "perf.roofline_frac": step_bytes / bw / tpot}
     out |= {"mem.weight_bytes": mem.weight_bytes, "mem.kv_bytes_per_token": mem.kv_bytes_per_token,
-            "mem.kv_bytes_per_token_formula": mem.kv_bytes_per_token_formula, "mem.peak_bytes": mem.peak_bytes,
-            "mem.kv_cache_bytes": mem.kv_bytes_per_token * b.batch_size * (ctx.prompt_len + ctx.gen_len)}
-    return out
+            "mem.kv_bytes_per_token_formula": mem.kv_bytes_per_token_formula, "mem.peak_bytes": mem.peak_bytes}
+    return out | capacity(mem, device, b.batch_size, ctx.prompt_len + ctx.gen_len)
