@@ -1,14 +1,18 @@
 """Runs side by side: `python -m kvexp.compare [--sweep ID|latest] [--model X] [--quant X] [--engine X] [--context X]`.
 
-One row per FINISHED run (the latest run of each config hash), one column per measurement, each with its change
-against the fp16 run of the same model, context length and engine: a ratio ("0.27x") for speed and memory, a
-difference ("-0.19") for accuracy and fidelity. The same table, two PNG plots and a self-contained HTML report
-are written to --out, and logged to the sweep's parent run (artifact folder "compare/") when one sweep is chosen.
+One row per FINISHED run (the latest run of each config hash), in the order the runs ran, each setting's fp16 row
+first; one column per measurement, each with its change against the fp16 run of the same model, context length
+and engine: a ratio ("0.27x") for speed and memory, a difference ("-0.19") for accuracy and fidelity. A speed
+ratio whose two runs' spreads (min to max over the timed iterations) overlap is marked "n.s.", not significant.
+The terminal shows each task's main metric; the same tables with every metric, two PNG plots and a
+self-contained HTML report are written to --out, and logged to the sweep's parent run (artifact folder
+"compare/") when one sweep is chosen.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import math
 import re
@@ -23,6 +27,12 @@ from kvexp.tracking import TAG, Tracker
 
 BASELINE = "fp16"
 ARTIFACT_DIR = "compare"
+MODEL_PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"  # the model group's presets
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# A task's main metric, the one its terminal column shows: the first of these it has (lm-eval's usual headline
+# metrics), else its first by name. The others are in the HTML report.
+MAIN_METRICS = ("exact_match", "acc", "word_perplexity", "f1", "acc_norm")
+NOT_SIGNIFICANT = "n.s."
 
 
 def _bytes(v: float) -> str:
@@ -32,6 +42,13 @@ def _bytes(v: float) -> str:
             break
         v, unit = v / 1024, bigger
     return f"{v:.4g} {unit}"
+
+
+def _count(v: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= size:
+            return f"{v / size:.4g}{unit}"
+    return f"{v:.0f}"
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,9 @@ FIXED = [
     Column("TPOT ms", "perf.tpot_ms", lambda v: f"{v:.4g}", True),
     Column("peak mem", "mem.peak_bytes", _bytes, True),
     Column("KV/token", "mem.kv_bytes_per_token", _bytes, True),
+    # what the memory left after the weights and the runtime holds of this KV format (kvexp.core.memory)
+    Column("KV tokens", "mem.kv_capacity_tokens", _count, True),
+    Column("max batch", "mem.max_batch", _count, True),
 ]
 # bench.profile runs only: where a decode step's time goes (kvexp/bench/profile.py)
 PROFILE = [Column(f"decode {kind}", f"prof.decode_{kind}_frac", lambda v: f"{100 * v:.1f}%", False)
@@ -74,6 +94,8 @@ class Row:
     metrics: dict[str, float] = field(default_factory=dict)
     model_id: str = "?"  # the model's fingerprint (its label for runs logged before kvexp recorded one)
     machine: tuple = ()  # (device name, library versions): the build environment its numbers belong to
+    model_path: str = ""  # model.path as it ran ("" for runs logged before kvexp recorded it)
+    dtype: str = ""  # the compute dtype it ran in (float32 on a CPU, whatever the preset's name says)
 
     @property
     def setting(self) -> tuple:
@@ -82,9 +104,34 @@ class Row:
         return self.model_id, self.context, self.prompt_len, self.gen_len, self.engine, self.machine
 
     @property
+    def model_label(self) -> str:
+        """The model it ran: the group's name where model.path is that preset's own, else model.path's name (a
+        local checkpoint's folder, a Hub id), so model=tiny model.path=/ckpt/qwen reads "qwen"."""
+        if not self.model_path or preset_paths().get(self.model) == self.model_path:
+            return self.model
+        return self.model_path.rstrip("/").rsplit("/", 1)[-1] if self.model_path.startswith(("/", ".", "~")) \
+            else self.model_path.removeprefix("builtin:")
+
+    @property
+    def quant_label(self) -> str:
+        """The preset's name, and for the unquantized baseline the dtype it really ran in where the name does not
+        say it: the "fp16" of a CPU run is fp32."""
+        ran = SHORT_DTYPE.get(self.dtype, self.dtype)
+        return f"{self.quant} ({ran})" if self.quant == BASELINE and ran and ran != BASELINE else self.quant
+
+    @property
     def labels(self) -> list[str]:
-        return [self.model, self.quant, f"{self.context} {self.prompt_len}+{self.gen_len}", self.engine,
+        return [self.model_label, self.quant_label, f"{self.context} {self.prompt_len}+{self.gen_len}", self.engine,
                 self.config_hash[:8]]
+
+
+@functools.lru_cache(maxsize=1)
+def preset_paths() -> dict[str, str]:
+    """model group preset name -> its model.path."""
+    import yaml
+
+    presets = (yaml.safe_load(p.read_text()) or {} for p in sorted(MODEL_PRESETS.glob("*.yaml")))
+    return {p["name"]: p["path"] for p in presets if "name" in p and "path" in p}
 
 
 def _int(text: Optional[str]) -> Optional[int]:
@@ -99,7 +146,8 @@ def to_row(run) -> Row:
                _int(params.get("context.gen_len")), tags.get(TAG + "engine", "?"), tags.get(TAG + "config_hash", ""),
                tags.get(TAG + "sweep_id", ""), dict(run.data.metrics),
                model_id=tags.get(TAG + "model_fingerprint", model),
-               machine=(tags.get(TAG + "device", "?"), tags.get(TAG + "versions", "?")))
+               machine=(tags.get(TAG + "device", "?"), tags.get(TAG + "versions", "?")),
+               model_path=tags.get(TAG + "model_path", ""), dtype=tags.get(TAG + "dtype", ""))
 
 
 def _quoted(value: str) -> str:
@@ -114,12 +162,24 @@ def query(tracker: Tracker, *filters: str) -> list[Row]:
 
 
 def select(tracker: Tracker, sweep_id: Optional[str] = None, **labels: Optional[str]) -> list[Row]:
-    """Rows of one sweep and/or with the given model/quant/engine/context, the latest run per config hash."""
+    """Rows of one sweep and/or with the given model/quant/engine/context, the latest run per config hash, in
+    sweep order (see in_sweep_order)."""
     wanted = {"sweep_id": sweep_id} | labels
-    latest = {r.config_hash: r for r in query(tracker, *(f"tags.`{TAG}{key}` = {_quoted(value)}"
-                                                        for key, value in wanted.items() if value is not None))}
-    return sorted(latest.values(), key=lambda r: (r.model, r.engine, r.context, r.prompt_len or 0, r.gen_len or 0,
-                                                  r.quant != BASELINE, r.quant))
+    runs = query(tracker, *(f"tags.`{TAG}{key}` = {_quoted(value)}" for key, value in wanted.items()
+                            if value is not None))
+    latest = {r.config_hash: r for r in runs}
+    return in_sweep_order([r for r in runs if latest[r.config_hash] is r])
+
+
+def in_sweep_order(rows: list[Row]) -> list[Row]:
+    """Rows (oldest first) grouped by setting, the groups in the order they first ran, each group's baseline
+    first and the rest as they ran: a sweep of quant=fp16,int8kv,awq context=short,long reads fp16, int8kv, awq
+    at short, then the same at long."""
+    first: dict[tuple, int] = {}
+    for i, row in enumerate(rows):
+        first.setdefault(row.setting, i)
+    order = sorted(range(len(rows)), key=lambda i: (first[rows[i].setting], rows[i].quant != BASELINE, i))
+    return [rows[i] for i in order]
 
 
 def baseline_pool(tracker: Tracker) -> list[Row]:
@@ -156,9 +216,25 @@ def baselines(rows: list[Row], pool: list[Row]) -> dict[str, Row]:
     return {row.config_hash: latest[row.setting] for row in rows if row.setting in latest}
 
 
-def acc_columns(rows: list[Row]) -> list[Column]:
+def acc_columns(rows: list[Row], main_only: bool = False) -> list[Column]:
+    """One column per accuracy metric, or with main_only one per task (its main metric, headed by the task)."""
     names = sorted({m for r in rows for m in r.metrics if m.startswith("acc.") and not _is_stderr(m)})
+    if main_only:
+        return [Column(task, name, lambda v: f"{v:.3g}", False) for task, name in main_metrics(names).items()]
     return [Column(name.removeprefix("acc."), name, lambda v: f"{v:.3g}", False) for name in names]
+
+
+def main_metrics(names: list[str]) -> dict[str, str]:
+    """task -> its main metric's name (acc.<task>.<metric>[.<filter>]), unfiltered before filtered."""
+    by_task: dict[str, list[str]] = {}
+    for name in names:
+        by_task.setdefault(name.split(".")[1], []).append(name)
+
+    def rank(name: str) -> tuple:
+        parts = name.split(".")
+        metric = MAIN_METRICS.index(parts[2]) if parts[2] in MAIN_METRICS else len(MAIN_METRICS)
+        return metric, len(parts) > 3, name
+    return {task: min(found, key=rank) for task, found in by_task.items()}
 
 
 def _is_stderr(name: str) -> bool:
@@ -179,6 +255,18 @@ def change(col: Column, value: float, base: float) -> str:
     return f"{value - base:+.3g}"
 
 
+def spreads_overlap(a: dict[str, float], b: dict[str, float], metric: str) -> Optional[bool]:
+    """Whether two runs' ranges of a timing (metric_min to metric_max over the timed iterations, kvexp.bench.perf)
+    overlap; None where either has none, or both are single points (one timed iteration: no spread known)."""
+    try:
+        (lo_a, hi_a), (lo_b, hi_b) = ((m[metric + "_min"], m[metric + "_max"]) for m in (a, b))
+    except KeyError:
+        return None
+    if lo_a == hi_a and lo_b == hi_b:
+        return None
+    return max(lo_a, lo_b) <= min(hi_a, hi_b)
+
+
 def cell(col: Column, row: Row, base: Optional[Row]) -> str:
     value = row.metrics.get(col.metric)
     if value is None or math.isnan(value):
@@ -187,7 +275,8 @@ def cell(col: Column, row: Row, base: Optional[Row]) -> str:
     if col.metric.startswith("acc.") and (err := row.metrics.get(stderr_name(col.metric))) is not None:
         text += f"±{err:.2g}"
     if base is not None and base is not row and (ref := base.metrics.get(col.metric)) is not None:
-        text += f" ({change(col, value, ref)})"
+        noise = f" {NOT_SIGNIFICANT}" if spreads_overlap(row.metrics, base.metrics, col.metric) else ""
+        text += f" ({change(col, value, ref)}{noise})"
     return text
 
 
@@ -198,19 +287,26 @@ class Table:
     cells: list[list[str]]
 
 
-def tables(rows: list[Row], pool: list[Row]) -> tuple[list[Table], list[str]]:
-    """(tables, footnotes), the one layout the terminal and the HTML report both print. Accuracy gets a table
-    of its own: lm-eval suites add several columns per task, too many for one terminal line."""
+def tables(rows: list[Row], pool: list[Row], full: bool = True) -> tuple[list[Table], list[str]]:
+    """(tables, footnotes), the one layout the terminal (full=False) and the HTML report (full=True) print.
+    Accuracy gets a table of its own, in the terminal one column per task: lm-eval suites log several metrics
+    per task, too many for one terminal line."""
     bases = baselines(rows, pool)
     profiled = [c for c in PROFILE if any(c.metric in r.metrics for r in rows)]
-    groups = [("accuracy (lm-eval, ±stderr)", acc_columns(rows)), ("fidelity vs fp16, speed, memory", FIXED),
-              ("decode time by kernel class (bench.profile)", profiled)]
+    acc = acc_columns(rows, main_only=not full)
+    groups = [("accuracy (lm-eval, ±stderr)" + ("" if full else ": each task's main metric"), acc),
+              ("fidelity vs fp16, speed, memory", FIXED), ("decode time by kernel class (bench.profile)", profiled)]
     out = [Table(title, LABELS + [c.header for c in cols],
                  [row.labels + [cell(c, row, bases.get(row.config_hash)) for c in cols] for row in rows])
            for title, cols in groups if cols]
     out += peer_tables(rows)
     notes = [f"(changes) vs the {BASELINE} run of the same model, context and engine on the same machine (device and "
-             "library versions): ratio (x) for speed and memory, difference for accuracy and fidelity"]
+             "library versions): ratio (x) for speed and memory, difference for accuracy and fidelity; "
+             f"{NOT_SIGNIFICANT} = not significant: the two runs' timings overlap (min to max over the timed "
+             "iterations)"]
+    if acc and not full:
+        notes.append("accuracy columns: " + ", ".join(f"{c.header} {c.metric.split('.', 2)[2]}" for c in acc)
+                     + "; every metric is in the HTML report")
     for row in rows:
         base = bases.get(row.config_hash)
         if base is not None and base not in rows:
@@ -272,20 +368,21 @@ def render_html(title: str, tabs: list[Table], notes: list[str], pngs: list[Path
 
 
 def _colors(rows: list[Row]) -> dict[str, str]:
-    """One colour per quant, the same in every plot."""
-    return {q: f"C{i}" for i, q in enumerate(sorted({r.quant for r in rows}))}
+    """One colour per quant, the same in every plot, in sweep order."""
+    return {q: f"C{i}" for i, q in enumerate(dict.fromkeys(r.quant for r in rows))}
 
 
 def _point_label(row: Row, rows: list[Row]) -> str:
     many = len({r.setting for r in rows}) > 1
-    return f"{row.quant} {row.model}/{row.context}{row.prompt_len}/{row.engine}" if many else row.quant
+    return f"{row.quant_label} {row.model_label}/{row.context}{row.prompt_len}/{row.engine}" if many \
+        else row.quant_label
 
 
 def plot_quality_vs_memory(rows: list[Row], path: Path) -> Optional[Path]:
-    """Accuracy (with stderr bars) and fidelity against peak memory, one panel per measure."""
+    """Each task's main accuracy metric (with stderr bars) and fidelity against peak memory, one panel each."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state; PNG output goes through Agg
 
-    measures = [c.metric for c in acc_columns(rows)] + ["fid.top1_agree"]
+    measures = [c.metric for c in acc_columns(rows, main_only=True)] + ["fid.top1_agree"]
     points = {m: [r for r in rows if m in r.metrics and "mem.peak_bytes" in r.metrics] for m in measures}
     measures = [m for m in measures if points[m]]
     if not measures:
@@ -308,13 +405,13 @@ def plot_quality_vs_memory(rows: list[Row], path: Path) -> Optional[Path]:
 def speed_series(rows: list[Row]) -> dict[tuple[str, str], list[tuple[int, float]]]:
     """(label, quant) -> [(prompt tokens, decode tok/s)], sorted by length; one series per quant (and per
     model/engine when the rows have several)."""
-    several = len({(r.model, r.engine) for r in rows}) > 1
+    several = len({(r.model_label, r.engine) for r in rows}) > 1
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     for row in rows:
         if row.prompt_len and "perf.decode_tok_s" in row.metrics:
-            label = f"{row.quant} ({row.model}/{row.engine})" if several else row.quant
+            label = f"{row.quant_label} ({row.model_label}/{row.engine})" if several else row.quant_label
             series.setdefault((label, row.quant), []).append((row.prompt_len, row.metrics["perf.decode_tok_s"]))
-    return {key: sorted(pts) for key, pts in sorted(series.items())}
+    return {key: sorted(pts) for key, pts in series.items()}
 
 
 def plot_speed_vs_context(rows: list[Row], path: Path) -> Optional[Path]:
@@ -341,12 +438,11 @@ def plot_speed_vs_context(rows: list[Row], path: Path) -> Optional[Path]:
 def write_report(rows: list[Row], pool: list[Row], out_dir: Path, title: str) -> tuple[str, list[Path]]:
     """compare.txt, compare.html and the PNGs into out_dir; (the terminal table, the files written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tabs, notes = tables(rows, pool)
-    text = render_text(tabs, notes)
+    text = render_text(*tables(rows, pool, full=False))
     pngs = [p for p in (plot_quality_vs_memory(rows, out_dir / "quality_vs_memory.png"),
                         plot_speed_vs_context(rows, out_dir / "speed_vs_context.png")) if p]
     (out_dir / "compare.txt").write_text(text + "\n")
-    (out_dir / "compare.html").write_text(render_html(title, tabs, notes, pngs))
+    (out_dir / "compare.html").write_text(render_html(title, *tables(rows, pool), pngs))
     return text, [out_dir / "compare.txt", out_dir / "compare.html", *pngs]
 
 

@@ -2,8 +2,10 @@
 
 The run's own config.yaml artifact is run again as it was logged (nothing is composed, so today's conf/ files
 cannot change it), as a new run tagged kvexp.reproduces=<original run id>, then every metric is compared with
-the original: deterministic ones (fid.*, acc.*, mem.* but peak memory) must be equal, bit for bit; the others
-(timings: perf.*, build.s, mem.peak_bytes, ...) are reported with their ratio, for the reader to judge.
+the original: deterministic ones (fid.*, acc.*, mem.* but those that depend on the allocator or the memory free)
+must be equal, bit for bit; the others (timings: perf.*, build.s, mem.peak_bytes, ...) are reported with their
+ratio, for the reader to judge, and a timing with a spread (<metric>_min, _max over the timed iterations) is
+judged within it: "not significant" where the two runs' ranges overlap, "outside the spread" where they do not.
 Exit code: 0 when every deterministic metric matches, 1 when one differs or the re-run fails, 2 when no run
 is found (or its config no longer validates).
 """
@@ -19,16 +21,41 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from kvexp.compare import spreads_overlap
 from kvexp.errors import ConfigError, KvexpError
 from kvexp.tracking import TAG, Tracker
 
 HASH_TAG = TAG + "config_hash"
 REPRODUCES = "reproduces"  # run_job prefixes it: the tag is kvexp.reproduces
+# mem.* that depend on the allocator's history (the peak, and the working memory derived from it) or on the
+# memory free when the run ran (the KV capacity)
+MEM_MEASURED = ("mem.peak_bytes", "mem.working_bytes", "mem.kv_capacity_tokens", "mem.max_batch")
 
 
 def is_deterministic(metric: str) -> bool:
-    """Same config, same code, same device -> same value. Peak memory depends on the allocator's history."""
-    return metric.startswith(("fid.", "acc.")) or (metric.startswith("mem.") and metric != "mem.peak_bytes")
+    """Same config, same code, same device -> same value."""
+    return metric.startswith(("fid.", "acc.")) or (metric.startswith("mem.") and metric not in MEM_MEASURED)
+
+
+def spread_of(metric: str, metrics: dict[str, float]) -> Optional[str]:
+    """The timing whose spread metric is (perf.ttft_ms for perf.ttft_ms_min), or None."""
+    for suffix in ("_min", "_max"):
+        if metric.endswith(suffix) and metric.removesuffix(suffix) in metrics:
+            return metric.removesuffix(suffix)
+    return None
+
+
+def judge_timing(name: str, original: dict[str, float], new: dict[str, float]) -> str:
+    a, b = original.get(name), new.get(name)
+    if not a or b is None:
+        return "-"
+    ratio = f"{b / a:.3g}x"
+    overlap = spreads_overlap(original, new, name)
+    if overlap is None:
+        return ratio
+    lo, hi = original[name + "_min"], original[name + "_max"]
+    return f"{ratio}, not significant (the spreads overlap)" if overlap else \
+        f"{ratio}, outside the spread (original {lo:.4g} to {hi:.4g})"
 
 
 def find_run(tracker: Tracker, prefix: str):
@@ -86,14 +113,17 @@ def _same(a: Optional[float], b: Optional[float]) -> bool:
 def compare_metrics(original: dict[str, float], new: dict[str, float]) -> tuple[str, list[str]]:
     """(the metric-by-metric table, the deterministic metrics that differ or are missing on one side)."""
     rows, differ = [("metric", "original", "reproduced", "check")], []
-    for name in sorted(original.keys() | new.keys()):
+    everything = original | new
+    for name in sorted(everything):
+        if spread_of(name, everything):
+            continue  # shown in its timing's check
         a, b = original.get(name), new.get(name)
         if is_deterministic(name):
             check = "equal" if _same(a, b) else "DIFFERS"
             if check == "DIFFERS":
                 differ.append(name)
         else:
-            check = f"{b / a:.3g}x" if a and b is not None else "-"
+            check = judge_timing(name, original, new)
         rows.append((name, "-" if a is None else f"{a:.10g}", "-" if b is None else f"{b:.10g}", check))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     text = "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows)
@@ -123,7 +153,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if differ:
         print(f"kvexp.reproduce: {len(differ)} deterministic metric(s) differ: {', '.join(differ)}")
         return 1
-    print("kvexp.reproduce: every deterministic metric is equal; timings are shown as reproduced/original")
+    print("kvexp.reproduce: every deterministic metric is equal; timings are shown as reproduced/original, "
+          "judged within their spread over the timed iterations")
     return 0
 
 

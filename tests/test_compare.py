@@ -37,7 +37,7 @@ def test_sweep_table_has_a_row_per_run_with_changes_vs_fp16(store):
         assert f"({kv_ratio:.3g}x)" in line and kv_ratio < 0.3
         assert f"({int8['perf.decode_tok_s'] / fp16['perf.decode_tok_s']:.3g}x)" in line
         assert f"({int8['fid.top1_agree'] - fp16['fid.top1_agree']:+.3g})" in line
-        assert "(" not in row_of(text, "fp16", n)  # the baseline has no change against itself
+        assert not re.search(r"\([-+]|x\)", row_of(text, "fp16", n))  # the baseline has no change against itself
 
 
 def test_sweep_report_is_logged_to_the_parent_run(store):
@@ -54,8 +54,8 @@ def test_sweep_report_is_logged_to_the_parent_run(store):
 def test_speed_series_is_tok_s_by_context_length_per_quant(store):
     tracker, runs, sweep_id = store
     series = compare.speed_series(compare.select(tracker, sweep_id))
-    assert set(series) == {("fp16", "fp16"), ("int8kv", "int8kv")}
-    for (quant, _), points in series.items():
+    assert set(series) == {("fp16 (fp32)", "fp16"), ("int8kv", "int8kv")}  # a CPU's fp16 preset runs in fp32
+    for (_, quant), points in series.items():
         assert points == [(n, runs[quant, n].data.metrics["perf.decode_tok_s"]) for n in (32, 64)]
 
 
@@ -68,7 +68,7 @@ def test_cli_filter_accuracy_stderr_and_self_contained_html(store, tmp_path, cap
     code = compare.main(["--quant", "int8kv", "--tracking-uri", tracker.uri, "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
-    assert "kvexp_passkey.exact_match" in out and "0.75±0.25 (-0.25)" in row_of(out, "int8kv", 64)
+    assert "kvexp_passkey exact_match" in out and "0.75±0.25 (-0.25)" in row_of(out, "int8kv", 64)
     assert "not in this selection" in out
     assert not any(line.startswith("tiny ") and " fp16 " in line for line in out.splitlines())
     page = (tmp_path / "compare.html").read_text()
@@ -102,3 +102,98 @@ def test_profile_columns_appear_only_for_profiled_runs():
     col = tab.headers.index("decode attention")
     assert [r[col] for r in tab.cells] == ["68.8%", "61.5% (-0.073)"]
     assert len(PROFILE) == 3
+
+
+def make_row(quant, metrics=None, **fields):
+    from kvexp.compare import Row
+
+    values = dict(run_id=quant, name=quant, model="tiny", quant=quant, context="short", prompt_len=8, gen_len=4,
+                  engine="torch", config_hash=quant * 8, sweep_id="s", metrics=metrics or {}) | fields
+    return Row(**values)
+
+
+def test_labels_name_the_model_that_ran_and_the_dtype_of_the_baseline():
+    labels = {path: make_row("int8kv", model_path=path).labels[0] for path in (
+        "builtin:tiny", "/ckpts/Qwen2.5-1.5B-local/", "./my-ckpt", "Qwen/Qwen2.5-0.5B", "builtin:organism")}
+    assert labels == {"builtin:tiny": "tiny", "/ckpts/Qwen2.5-1.5B-local/": "Qwen2.5-1.5B-local",
+                      "./my-ckpt": "my-ckpt", "Qwen/Qwen2.5-0.5B": "Qwen/Qwen2.5-0.5B",
+                      "builtin:organism": "organism"}
+    assert make_row("fp16", model="qwen2.5-1.5b", model_path="Qwen/Qwen2.5-1.5B-Instruct").labels[0] == "qwen2.5-1.5b"
+    assert make_row("fp16", dtype="float32").labels[1] == "fp16 (fp32)"
+    assert make_row("fp16", dtype="bfloat16").labels[1] == "fp16 (bf16)"
+    assert make_row("fp16", dtype="float16").labels[1] == "fp16"
+    assert make_row("int8kv", dtype="float32").labels[1] == "int8kv"  # its name does not claim a dtype
+
+
+def test_sweep_table_labels_a_cpu_fp16_row_fp32(store):
+    tracker, _, sweep_id = store
+    text = compare.sweep_table(tracker, sweep_id)
+    lines = [line for line in text.splitlines() if line.startswith("tiny ")]
+    assert all(any(" fp16 (fp32) " in line and f" {n}+" in line for line in lines) for n in (32, 64))
+    assert not any(re.search(r" fp16 (?!\(fp32\))", line) for line in lines)
+
+
+def test_rows_are_in_sweep_order_with_the_baseline_first(tmp_path):
+    """As a sweep of quant=int8kv,fp16,awq context.prompt_len=8,16 runs them, oldest first; the table reads
+    fp16, int8kv, awq at 8, then at 16 (not alphabetically: awq before int8kv)."""
+    import time
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "kvexp")
+    for quant in ("int8kv", "fp16", "awq"):
+        for n in (8, 16):
+            run_id = tracker.start_run(f"{quant}-{n}", {TAG + "quant": quant, TAG + "context": "short",
+                                                        TAG + "config_hash": f"{quant}{n}", TAG + "sweep_id": "s1"})
+            tracker.log_params(run_id, {"context.prompt_len": str(n), "context.gen_len": "4"})
+            tracker.end(run_id, "FINISHED")
+            time.sleep(0.01)  # distinct start times: MLflow orders by them
+    assert [(r.quant, r.prompt_len) for r in compare.select(tracker, "s1")] == [
+        ("fp16", 8), ("int8kv", 8), ("awq", 8), ("fp16", 16), ("int8kv", 16), ("awq", 16)]
+
+
+SMOKE_ACC = {"acc.kvexp_passkey.exact_match": 0.75, "acc.kvexp_passkey.exact_match_stderr": 0.25,
+             "acc.kvexp_arith.acc": 0.5, "acc.kvexp_arith.acc_stderr": 0.1, "acc.kvexp_arith.acc_norm": 0.25,
+             "acc.kvexp_arith.acc_norm_stderr": 0.1, "acc.kvexp_ppl.word_perplexity": 2000.0,
+             "acc.kvexp_ppl.byte_perplexity": 3.0, "acc.kvexp_ppl.bits_per_byte": 1.6,
+             "acc.gsm8k.exact_match.strict-match": 0.1, "acc.gsm8k.exact_match.flexible-extract": 0.2}
+
+
+def test_terminal_accuracy_has_one_column_per_task_and_the_html_every_metric(tmp_path):
+    base = make_row("fp16", dict(SMOKE_ACC, **{"acc.kvexp_passkey.exact_match": 1.0}))
+    rows = [base, make_row("int8kv", SMOKE_ACC)]
+    short = next(t for t in compare.tables(rows, rows, full=False)[0] if t.title.startswith("accuracy"))
+    assert short.headers[len(compare.LABELS):] == ["gsm8k", "kvexp_arith", "kvexp_passkey", "kvexp_ppl"]
+    assert short.cells[1][len(compare.LABELS):] == ["0.2 (+0)", "0.5±0.1 (+0)", "0.75±0.25 (-0.25)", "2e+03 (+0)"]
+    text, _ = compare.write_report(rows, rows, tmp_path, "t")
+    assert "gsm8k exact_match.flexible-extract" in text and "acc_norm" not in text and "bits_per_byte" not in text
+    assert max(len(line) for line in text.split("\n\n")[0].splitlines()) < 120  # the accuracy table
+    page = (tmp_path / "compare.html").read_text()
+    for name in SMOKE_ACC:
+        if not name.split(".")[2].endswith("_stderr"):
+            assert f"<th>{name.removeprefix('acc.')}</th>" in page
+
+
+def spread(value, lo, hi, name="perf.decode_tok_s"):
+    return {name: value, name + "_min": lo, name + "_max": hi}
+
+
+def test_a_speed_ratio_within_the_spreads_is_not_significant():
+    def tok_s_cell(fp16, int8):
+        rows = [make_row("fp16", fp16), make_row("int8kv", int8)]
+        tab = next(t for t in compare.tables(rows, rows)[0] if "tok/s" in t.headers)
+        return tab.cells[1][tab.headers.index("tok/s")]
+
+    assert tok_s_cell(spread(100.0, 60.0, 120.0), spread(98.6, 90.0, 130.0)) == "98.6 (0.986x n.s.)"
+    assert tok_s_cell(spread(100.0, 95.0, 105.0), spread(35.5, 30.0, 40.0)) == "35.5 (0.355x)"
+    assert tok_s_cell(spread(100.0, 100.0, 100.0), spread(98.0, 98.0, 98.0)) == "98 (0.98x)"  # one iteration each
+    assert tok_s_cell({"perf.decode_tok_s": 100.0}, spread(98.0, 90.0, 130.0)) == "98 (0.98x)"  # no spread logged
+    assert any("n.s. = not significant" in n for n in compare.tables([make_row("fp16")], [])[1])
+
+
+def test_capacity_columns_sit_beside_kv_bytes_per_token():
+    mem = {"mem.kv_bytes_per_token": 28672.0, "mem.kv_capacity_tokens": 2_400_000.0, "mem.max_batch": 74.0}
+    int8 = {"mem.kv_bytes_per_token": 14784.0, "mem.kv_capacity_tokens": 4_654_000.0, "mem.max_batch": 144.0}
+    rows = [make_row("fp16", mem), make_row("int8kv", int8)]
+    tab = next(t for t in compare.tables(rows, rows)[0] if "KV/token" in t.headers)
+    at = tab.headers.index("KV/token")
+    assert tab.headers[at:at + 3] == ["KV/token", "KV tokens", "max batch"]
+    assert tab.cells[1][at:at + 3] == ["14.44 KiB (0.516x)", "4.654M (1.94x)", "144 (1.95x)"]

@@ -57,3 +57,19 @@ def test_compare_metrics_judges_only_deterministic_metrics():
     changed = dict(original, **{"acc.t.acc": 0.5})
     del changed["fid.kl_mean"]
     assert reproduce.compare_metrics(original, changed)[1] == ["acc.t.acc", "fid.kl_mean"]
+
+
+def test_timings_are_judged_within_their_spread_and_capacity_is_not_deterministic():
+    def tok_s(value, lo, hi):
+        return {"perf.decode_tok_s": value, "perf.decode_tok_s_min": lo, "perf.decode_tok_s_max": hi}
+
+    original = tok_s(10.0, 8.0, 12.0) | {"mem.kv_capacity_tokens": 1e6, "mem.max_batch": 30.0, "fid.kl_mean": 0.5}
+    noisy = tok_s(11.0, 9.0, 14.0) | {"mem.kv_capacity_tokens": 9e5, "mem.max_batch": 27.0, "fid.kl_mean": 0.5}
+    text, differ = reproduce.compare_metrics(original, noisy)
+    lines = {line.split()[0]: line for line in text.splitlines()[1:]}
+    assert differ == []  # the memory free when a run ran is not the run's to reproduce
+    assert lines["perf.decode_tok_s"].endswith("1.1x, not significant (the spreads overlap)")
+    assert "perf.decode_tok_s_min" not in lines and "perf.decode_tok_s_max" not in lines  # folded into the timing
+    assert lines["mem.kv_capacity_tokens"].endswith("0.9x")
+    far = reproduce.compare_metrics(original, tok_s(579.0, 560.0, 600.0))[0]
+    assert "57.9x, outside the spread (original 8 to 12)" in far
