@@ -330,6 +330,25 @@ def test_a_cpu_machine_has_no_gpus_to_hand_out(in_tmp, offline_env, capsys):
     assert "no CUDA GPU is visible here" in capsys.readouterr().err
 
 
+def test_a_run_records_the_gpu_it_ran_on(monkeypatch):
+    """Index as the host names it (a kvexp_gpus worker sees its GPU as cuda:0) and UUID; its kind is kvexp.device."""
+    import torch
+
+    from kvexp.tracking import gpu_tags
+
+    props = types.SimpleNamespace(uuid="6c2d0f1e-0000-4000-8000-0123456789ab", name="NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    expected = {"kvexp.gpu_index": "3", "kvexp.gpu_uuid": "GPU-6c2d0f1e-0000-4000-8000-0123456789ab"}
+    assert gpu_tags("cuda:0") == gpu_tags("cuda") == expected
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 6")
+    assert gpu_tags("cuda:1")["kvexp.gpu_index"] == "6"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert gpu_tags("cuda:1")["kvexp.gpu_index"] == "1"
+    assert gpu_tags("cpu") == {}
+
+
 # Every interpreter started with this directory on PYTHONPATH (the sweep and its workers) runs it first: each job's
 # worker notes its GPU and pid in ./jobs.jsonl as it starts and ends the job's stages; job 2's worker then dies, and
 # job 1 waits (up to 5 minutes) until job 3 has started.
