@@ -349,6 +349,57 @@ def test_a_run_records_the_gpu_it_ran_on(monkeypatch):
     assert gpu_tags("cpu") == {}
 
 
+# argv: store, experiment, writer name, runs; once ./go exists, claims and logs its runs as a job of a sweep does
+WRITER = """
+import pathlib, sys, time
+from kvexp.tracking import Tracker
+tracker = Tracker(sys.argv[1], sys.argv[2])
+tracker.prepare()
+me, runs = sys.argv[3], int(sys.argv[4])
+pathlib.Path("ready" + me).touch()
+while not pathlib.Path("go").exists():
+    time.sleep(0.01)
+for r in range(runs):
+    run_id = tracker.claim(f"{me}-{r}", f"w{me}-{r}", {"kvexp.writer": me}).run_id
+    tracker.log_params(run_id, {f"p{i}": str(i) for i in range(150)})
+    for stage in range(8):
+        tracker.set_tags(run_id, {"kvexp.stage": f"s{stage}"})
+        tracker.log_metrics(run_id, {f"m{stage}.{j}": j + 0.5 for j in range(5)})
+    tracker.log_text(run_id, f"config of {me}-{r}\\n", "config.yaml")
+    tracker.end(run_id, "FINISHED")
+"""
+
+
+@pytest.mark.slow
+def test_workers_writing_one_sqlite_store_at_once_lose_nothing(tmp_path):
+    """4 processes, let go at the same moment, each logging its jobs' runs as kvexp_gpus workers do: every run,
+    param, metric, tag and artifact is there, and sqlite's own check passes (MLflow waits up to 20 s on a
+    locked database)."""
+    import sqlite3
+
+    writers, runs = 4, 2
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlruns/mlflow.db", "kvexp")
+    tracker.prepare()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, tracker.uri, "kvexp", str(w), str(runs)], cwd=tmp_path,
+                              stderr=subprocess.PIPE, text=True) for w in range(writers)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{w}").exists() for w in range(writers)):
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, \
+            [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * writers, [e[-2000:] for e in errs]
+    with sqlite3.connect(tmp_path / "mlruns" / "mlflow.db") as con:
+        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    found = Tracker(tracker.uri, "kvexp").search()
+    assert sorted(r.info.run_name for r in found) == sorted(f"w{w}-{r}" for w in range(writers) for r in range(runs))
+    for run in found:
+        assert run.info.status == "FINISHED" and run.data.tags["kvexp.stage"] == "s7"
+        assert len(run.data.params) == 150 and len(run.data.metrics) == 40 and run.data.metrics["m7.4"] == 4.5
+        assert tracker.read_text(run.info.run_id, "config.yaml") == f"config of {run.info.run_name[1:]}\n"
+
+
 # Every interpreter started with this directory on PYTHONPATH (the sweep and its workers) runs it first: each job's
 # worker notes its GPU and pid in ./jobs.jsonl as it starts and ends the job's stages; job 2's worker then dies, and
 # job 1 waits (up to 5 minutes) until job 3 has started.
