@@ -56,7 +56,7 @@ def slots(gpus: Optional[Sequence], n_jobs: Optional[int]) -> list[str]:
         named = ",".join(chosen)
         if unknown := [g for g in chosen if g not in visible]:
             raise ConfigError(f"hydra.launcher.gpus=[{named}]: GPU {unknown[0]} is not visible here; choose among "
-                              f"{', '.join(visible)} (nvidia-smi's numbering, or CUDA_VISIBLE_DEVICES's entries)")
+                              f"{', '.join(visible)} (CUDA's numbering, or CUDA_VISIBLE_DEVICES's entries)")
         if len(set(chosen)) < len(chosen) or not chosen:
             raise ConfigError(f"hydra.launcher.gpus=[{named}]: name one GPU or more, each once (each job gets a GPU "
                               "of its own)")

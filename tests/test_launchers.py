@@ -309,7 +309,7 @@ FAST = ["experiment=smoke", "eval=none", "eval.fidelity.enabled=false", "bench.i
     (["engine.device=auto,cpu"], "engine.device=cpu: hydra/launcher=kvexp_gpus runs each job on a GPU; for CPU jobs "
                                  "in parallel use hydra/launcher=kvexp_joblib"),
     (["hydra.launcher.gpus=[0,2]"], "hydra.launcher.gpus=[0,2]: GPU 2 is not visible here; choose among 0, 1 "
-                                    "(nvidia-smi's numbering, or CUDA_VISIBLE_DEVICES's entries)"),
+                                    "(CUDA's numbering, or CUDA_VISIBLE_DEVICES's entries)"),
 ])
 def test_a_sweep_kvexp_gpus_cannot_place_is_refused_before_anything_runs(args, error, in_tmp, offline_env,
                                                                          monkeypatch, capsys):
