@@ -76,6 +76,12 @@ def check(launcher_cfg: Any, configs: Sequence) -> None:
     hydra.launcher.gpus instead. No-op for other launchers."""
     if launcher_cfg is None or launcher_cfg.get("_target_") != TARGET:
         return
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.launcher import Launcher
+
+    if TARGET not in {f"{c.__module__}.{c.__name__}" for c in Plugins.instance().discover(Launcher)}:
+        raise ConfigError("hydra/launcher=kvexp_gpus: Hydra does not find its plugin (hydra_plugins/kvexp_launcher, "
+                          "new in this kvexp); install kvexp again (pip install -e .) so that it is installed too")
     slots(launcher_cfg.get("gpus"), launcher_cfg.get("n_jobs"))
     for cfg in configs:
         device = str(cfg.engine.get("device", "auto"))

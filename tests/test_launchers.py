@@ -322,6 +322,18 @@ def test_a_sweep_kvexp_gpus_cannot_place_is_refused_before_anything_runs(args, e
     assert not (in_tmp / "mlruns").exists()
 
 
+def test_an_install_without_the_plugin_is_told_to_install_again(in_tmp, offline_env, monkeypatch, capsys):
+    from hydra.core.plugins import Plugins
+
+    from kvexp.run import main
+
+    monkeypatch.setattr(Plugins, "discover", lambda self, kind: [])  # an editable install made before the plugin
+    assert main(["-m", "hydra/launcher=kvexp_gpus", *FAST]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "kvexp: error: hydra/launcher=kvexp_gpus: Hydra does not find its plugin (hydra_plugins/kvexp_launcher, new in "
+        "this kvexp); install kvexp again (pip install -e .) so that it is installed too"]
+
+
 def test_a_cpu_machine_has_no_gpus_to_hand_out(in_tmp, offline_env, capsys):
     """The probe itself, on this CPU machine (torch finds no CUDA device): refused, pointing at kvexp_joblib."""
     from kvexp.run import main
