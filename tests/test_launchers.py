@@ -4,6 +4,10 @@ The tracking URI carries a password (user:password@host, percent-encoded) and th
 under the working directory, the store or the cache, and no line of output, holds either, while every job is there
 exactly once, FINISHED, under the sweep's one parent run. Two processes claiming the same config hashes through the
 server at once get each hash once.
+
+hydra/launcher=kvexp_gpus (one job per GPU): its pool of GPUs driven by fake workers (more jobs than GPUs, a worker
+that dies, Ctrl-C), its defaults and refusals with a faked list of GPUs, the GPU tags, four processes writing one
+sqlite store at once, and a sweep on two faked GPUs (this machine has none) in which one worker is killed.
 """
 import os
 import secrets
