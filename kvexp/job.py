@@ -20,7 +20,7 @@ from kvexp.config import RunSpec, canonical
 from kvexp.core import memory
 from kvexp.engines import engine_class
 from kvexp.evaluate import fidelity
-from kvexp.tracking import TAG, Tracker, flatten, git_commit, scrub
+from kvexp.tracking import TAG, Tracker, flatten, git_commit, gpu_tags, scrub
 
 log = logging.getLogger("kvexp")
 PARENT_ENV = "KVEXP_PARENT_RUN_ID"  # set by the sweep's entry point; jobs (in any process) nest under it
@@ -38,7 +38,7 @@ def run_tags(spec: RunSpec, extra: Optional[dict] = None) -> dict[str, str]:
             "context": c.context.name, "git_commit": git_commit(), "versions": str(b.versions),
             "device": b.device_name, "dtype": b.dtype, "attention": b.attention, "numerics": b.numerics,
             "sweep_id": os.environ.get(SWEEP_ENV, ""), "stage": "setup"}
-    return {TAG + k: str(v) for k, v in (tags | (extra or {})).items()}
+    return {TAG + k: str(v) for k, v in (tags | (extra or {})).items()} | gpu_tags(b.device)
 
 
 def run_name(spec: RunSpec) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvexp import launcher
 from kvexp.config import RunSpec
 from kvexp.errors import ConfigError
 from kvexp.resolve import validate
@@ -83,15 +84,17 @@ def _parse(args: list[str]):
         raise ConfigError(f"could not parse the overrides: {_one_line(e)}") from e
 
 
-def _sweeper_params(parsed, hydra_args: list[str]) -> list[str]:
-    """The sweep a config declares in hydra.sweeper.params (experiment=organism does), as overrides.
+def _hydra_config(parsed, hydra_args: list[str]):
+    """The hydra node as Hydra's BasicSweeper reads it: composed with the command line's non-sweep overrides, its
+    hydra.* ones included."""
+    return compose_job([o.input_line for o in parsed if not o.is_sweep_override()] + hydra_args,
+                       hydra_config=True).hydra
 
-    Hydra's BasicSweeper reads them from the config composed with the command line's non-sweep overrides,
-    its hydra.* ones included, and puts them before the command line's, whose values win for the same key;
-    plan() does the same.
-    """
-    cfg = compose_job([o.input_line for o in parsed if not o.is_sweep_override()] + hydra_args, hydra_config=True)
-    return [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()]
+
+def _sweeper_params(hydra_cfg) -> list[str]:
+    """The sweep a config declares in hydra.sweeper.params (experiment=organism does), as overrides. Hydra puts
+    them before the command line's, whose values win for the same key; plan() does the same."""
+    return [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
 
 
 def plan(argv: list[str]) -> Plan:
@@ -100,17 +103,20 @@ def plan(argv: list[str]) -> Plan:
     multirun, args, hydra_args = _split(argv)
     parsed = _parse(args)
     _check_groups(parsed)
+    hydra_cfg = None
     if multirun:
-        declared = _sweeper_params(parsed, hydra_args)
+        hydra_cfg = _hydra_config(parsed, hydra_args)
+        declared = _sweeper_params(hydra_cfg)
         declared_parsed = _parse(declared)
         _check_groups(declared_parsed)
         args, parsed = declared + args, declared_parsed + parsed
     if not multirun and any(o.is_sweep_override() for o in parsed):
         raise ConfigError("a sweep (a=x,y) needs multirun: add -m, e.g. python -m kvexp.run -m quant=fp16,int8kv")
     jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [args]
-    specs = []
-    for job in jobs:
-        specs.append(validate(compose_job(job)))
+    configs = [compose_job(job) for job in jobs]
+    if hydra_cfg is not None:  # a launcher runs the jobs of -m only
+        launcher.check(hydra_cfg.launcher, configs)
+    specs = [validate(cfg) for cfg in configs]
     stores = {(s.cfg.tracking.uri, s.cfg.tracking.experiment) for s in specs}
     if len(stores) > 1:
         raise ConfigError("tracking.uri / tracking.experiment: must be the same for every job of one sweep")

@@ -435,6 +435,21 @@ def stale_reason(tags: dict[str, str]) -> Optional[str]:
     return None
 
 
+def gpu_tags(device: str) -> dict[str, str]:
+    """Which GPU a run ran on, beside its kind (the kvexp.device tag, part of the config hash): its index on the
+    host, as nvidia-smi and CUDA_VISIBLE_DEVICES name it (hydra/launcher=kvexp_gpus gives each worker one, which
+    it sees as cuda:0), and its UUID. Not in the hash: any GPU of one kind gives the same run. None for the CPU."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {}
+    index = torch.cuda.current_device() if dev.index is None else dev.index
+    visible = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if e.strip()]
+    return {TAG + "gpu_index": visible[index] if index < len(visible) else str(index),
+            TAG + "gpu_uuid": f"GPU-{torch.cuda.get_device_properties(index).uuid}"}
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -1,0 +1,1 @@
+"""kvexp's Hydra launcher plugin: hydra/launcher=kvexp_gpus (kvexp/launcher.py does the work)."""
