@@ -35,6 +35,7 @@ log = logging.getLogger("kvexp")
 @hydra.main(config_path=str(preflight.CONF_DIR), config_name="config", version_base="1.3")
 def hydra_job(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
+    logging.captureWarnings(True)  # libraries' warnings into the log (the job's file, not the console: ConsoleFilter)
     total = os.environ.get(JOBS_ENV + "_TOTAL")
     if total:
         os.environ[JOBS_ENV] = f"job {hc.job.num + 1}/{total}"

@@ -186,7 +186,10 @@ def evaluate_accuracy(engine: Engine, spec: RunSpec, out_dir: Path) -> dict[str,
 
 def _task_manager(engine: Engine, spec: RunSpec) -> TaskManager:
     """lm-eval's task index plus kvexp's offline suite, generated for this run's context and tokenizer."""
+    import datasets
     from lm_eval.tasks import TaskManager
+
+    datasets.disable_progress_bars()  # "Generating validation split" per task: the engine's own bars say more
 
     ev, ctx = spec.cfg.eval, spec.cfg.context
     offline = [t for t in ev.tasks if t in OFFLINE_TASKS]
@@ -198,13 +201,21 @@ def _task_manager(engine: Engine, spec: RunSpec) -> TaskManager:
 
 
 def _run_task(lm: KvexpLM, task: str, manager: TaskManager, ev: EvalConfig) -> dict:
+    from unittest import mock
+
     import lm_eval
+    import lm_eval.evaluator
+
+    from kvexp.tracking import git_commit
 
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=[task], task_manager=manager, limit=task_limit(ev, task), num_fewshot=ev.num_fewshot,
-            random_seed=ev.seed, numpy_random_seed=ev.seed, torch_random_seed=ev.seed,
-            fewshot_random_seed=ev.seed, log_samples=True)
+        # lm-eval records `git describe` of the working directory, which prints "fatal: not a git repository" to the
+        # terminal outside one; kvexp's commit is what produced these scores
+        with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", git_commit):
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=[task], task_manager=manager, limit=task_limit(ev, task), num_fewshot=ev.num_fewshot,
+                random_seed=ev.seed, numpy_random_seed=ev.seed, torch_random_seed=ev.seed,
+                fewshot_random_seed=ev.seed, log_samples=True)
     except Exception as e:  # lm-eval, datasets and the engine raise many types; all end this task the same way
         raise TaskFailed(f"eval task {task} failed: {type(e).__name__}: {e}") from e
     if results is None or not results.get("results"):
