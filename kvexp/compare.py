@@ -193,11 +193,12 @@ def sweep_parents(tracker: Tracker, *filters: str) -> list:
 
 def resolve_sweep(tracker: Tracker, text: str) -> str:
     """'latest', a sweep id, a prefix of one, or a parent's name ("sweep-3f9a2c1e") -> the full sweep id."""
-    if text == "latest":
-        parents = sweep_parents(tracker)
-        if not parents:
-            raise ConfigError(f"--sweep latest: no sweep in {tracker.shown_uri}; run one with python -m kvexp.run -m ...")
-        return parents[-1].data.tags[TAG + "sweep_id"]
+    if text == "latest":  # the newest sweep that ran a job: a re-run that skipped every job has none
+        ids = (p.data.tags[TAG + "sweep_id"] for p in reversed(sweep_parents(tracker)))
+        if (latest := next((i for i in ids if tracker.sweep_runs(i)), None)) is None:
+            raise ConfigError(f"--sweep latest: no sweep with runs in {tracker.shown_uri}; run one with "
+                              "python -m kvexp.run -m ...")
+        return latest
     prefix = text.removeprefix("sweep-")
     if not re.fullmatch(r"[0-9a-f]+", prefix):
         raise ConfigError(f"--sweep {text}: a sweep id is hex digits (its parent run is named sweep-<id>), or latest")
@@ -456,10 +457,10 @@ def log_to_parent(tracker: Tracker, sweep_id: str, files: list[Path]) -> Optiona
     return parents[-1].info.run_name
 
 
-def sweep_table(tracker: Tracker, sweep_id: str) -> str:
-    """The table of one sweep, as a sweep prints it when it ends; the full report (table, plots, HTML) is logged
-    to the sweep's parent run as well."""
-    rows = select(tracker, sweep_id)
+def sweep_table(tracker: Tracker, sweep_id: str, skipped_to: list = ()) -> str:
+    """The table of one sweep, as a sweep prints it when it ends, with the FINISHED runs its skipped jobs found
+    (skipped_to); the full report (table, plots, HTML) is logged to the sweep's parent run as well."""
+    rows = select(tracker, sweep_id) + [to_row(r) for r in skipped_to]
     if not rows:
         return f"kvexp: no job of sweep {sweep_id[:8]} ran to FINISHED (python -m kvexp.compare shows earlier runs)"
     with tempfile.TemporaryDirectory() as tmp:

@@ -80,7 +80,8 @@ class FidelityConfig:
 class EvalConfig:
     name: str = "none"
     tasks: list = field(default_factory=list)
-    limit: Optional[int] = None
+    limit: Optional[int] = None  # documents per task; None: all
+    limits: dict[str, int] = field(default_factory=dict)  # per task, over limit (eval=default sizes each task)
     num_fewshot: int = 0
     batch_size: int = 8
     # Score continuations by decoding them against the (quantized) cache; auto = on when the KV cache is
@@ -206,6 +207,9 @@ def check_fields(data: dict) -> None:
         raise ConfigError(f"bench.warmup={data['bench']['warmup']}: must be >= 0")
     if data["eval"]["limit"] is not None and data["eval"]["limit"] <= 0:
         raise ConfigError(f"eval.limit={data['eval']['limit']}: must be a positive integer or null")
+    for task, n in data["eval"]["limits"].items():  # a task not in eval.tasks is not run: its limit does not matter
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ConfigError(f"eval.limits.{task}={n}: must be a positive integer")
     _validate_quant(data["quant"])
     _validate_organism(data)
 

@@ -30,6 +30,20 @@ STAGE_TAG = TAG + "stage"  # the stage a job is in: a FAILED or KILLED run's say
 LOADING_STAGES = ("reference", "build")  # the stages that read model.path's files
 
 
+class ConsoleFilter(logging.Filter):
+    """The console's share of the log (conf/config.yaml, hydra.job_logging): kvexp's and Hydra's records, and any
+    library's errors. The rest (lm-eval's INFO, Python warnings from ModelOpt, matplotlib...) is in the log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name.split(".")[0] in ("kvexp", "hydra", "HYDRA", "__main__")
+        return ours or record.levelno >= logging.ERROR
+
+
+def log_files() -> list[Path]:
+    """The files this process logs to: the job's log file under Hydra (its root logger's file handler)."""
+    return [Path(h.baseFilename) for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
 def run_tags(spec: RunSpec, extra: Optional[dict] = None) -> dict[str, str]:
     """What a run is, for search and for compare's pairing: labels, the build's machine and libraries, its kernel."""
     c, b = spec.cfg, spec.build
@@ -68,10 +82,21 @@ def run_job(spec: RunSpec, resolved_yaml: str, overrides: list[str], out_dir: Pa
     except Exception as e:  # any failure ends this run, never the sweep
         log.error("%s FAILED: %s: %s (traceback in the run's error.txt)", run_name(spec), type(e).__name__,
                   scrub(str(e)))
+        log_logs(tracker, run_id)
         tracker.fail(run_id, e)
         return "FAILED"
+    log_logs(tracker, run_id)
     tracker.end(run_id, "FINISHED")
     return "FINISHED"
+
+
+def log_logs(tracker: Tracker, run_id: str) -> None:
+    """The job's log file as the run's artifact logs/<name>: everything the console left out."""
+    for path in log_files():
+        if path.is_file():
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            tracker.log_artifact(run_id, path, "logs")
 
 
 def stage(tracker: Tracker, run_id: str, name: str, text: str = "") -> None:
@@ -86,7 +111,7 @@ def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None
     ref = None
     if cfg.eval.fidelity.enabled and not fidelity.is_reference(spec):
         # before the run's engine: one model on the device at a time
-        stage(tracker, run_id, "reference", "fidelity reference (the unquantized run of this build)")
+        tracker.set_tags(run_id, {STAGE_TAG: "reference"})  # fidelity says so when it computes one
         ref = fidelity.reference(spec)
     engine = engine_class(spec.engine_options.name)(spec)
     try:

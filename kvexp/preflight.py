@@ -11,7 +11,8 @@ from pathlib import Path
 
 from kvexp import launcher
 from kvexp.config import RunSpec
-from kvexp.errors import ConfigError
+from kvexp.errors import ConfigError, UnsupportedConfig
+from kvexp.evaluate.accuracy import check_runnable
 from kvexp.resolve import validate
 from kvexp.secrets import check_uri
 
@@ -23,18 +24,43 @@ class Plan:
     multirun: bool
     specs: list[RunSpec]
     overrides: list[list[str]]  # per job, as Hydra will apply them
+    refused: list[str]  # a line per sweep cell its engine cannot run: Hydra's job skips it
 
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+# Hydra's flags that show something (help, the config, the search path...) instead of running a job
+SHOW_FLAGS = ("help", "hydra_help", "info", "cfg", "shell_completion")
+
+
+def hydra_args(argv: list[str]):
+    """The command line as Hydra's own parser reads it (`--cfg job`, `-c job`, `--cfg=job`, `-m`, overrides...)."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.exit_on_error = False  # kvexp reports the error in its own one line
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except Exception as e:  # argparse's own errors: a flag without its value, an unknown --info choice
+        raise ConfigError(f"could not parse the command line: {e}") from e
+    if unknown:
+        raise ConfigError(f"{' '.join(unknown)}: not a flag of kvexp.run; `python -m kvexp.run --help` lists them")
+    return args
+
+
+def shows_only(argv: list[str]) -> bool:
+    """True when Hydra will only show something (--help, --cfg job, --info ...) and run no job."""
+    args = hydra_args(argv)
+    return any(getattr(args, flag) for flag in SHOW_FLAGS)
+
+
 def _split(argv: list[str]) -> tuple[bool, list[str], list[str]]:
     """(multirun?, the job overrides, the hydra.* and hydra/<group> overrides)."""
-    multirun = "-m" in argv or "--multirun" in argv
-    overrides = [a for a in argv if not a.startswith("-")]
-    hydra = [a for a in overrides if a.startswith("hydra")]
-    return multirun, [a for a in overrides if a not in hydra], hydra
+    args = hydra_args(argv)
+    hydra = [a for a in args.overrides if a.startswith("hydra")]
+    return args.multirun, [a for a in args.overrides if a not in hydra], hydra
 
 
 def _check_groups(overrides) -> None:
@@ -116,9 +142,24 @@ def plan(argv: list[str]) -> Plan:
     configs = [compose_job(job) for job in jobs]
     if hydra_cfg is not None:  # a launcher runs the jobs of -m only
         launcher.check(hydra_cfg.launcher, configs)
-    specs = [validate(cfg) for cfg in configs]
+    swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    specs, overrides, refused = [], [], []
+    for job, cfg in zip(jobs, configs):
+        try:
+            spec = validate(cfg)
+        except UnsupportedConfig as e:  # what this engine or machine cannot run: the sweep's other cells still can
+            if not multirun:
+                raise
+            refused.append((" ".join(o for o in job if o.split("=", 1)[0] in swept), e))
+            continue
+        check_runnable(spec)
+        specs.append(spec)
+        overrides.append(list(job))
+    if not specs:
+        raise refused[0][1]
     stores = {(s.cfg.tracking.uri, s.cfg.tracking.experiment) for s in specs}
     if len(stores) > 1:
         raise ConfigError("tracking.uri / tracking.experiment: must be the same for every job of one sweep")
     check_uri(specs[0].cfg.tracking.uri)
-    return Plan(multirun=multirun, specs=specs, overrides=[list(j) for j in jobs])
+    return Plan(multirun=multirun, specs=specs, overrides=overrides,
+                refused=[f"kvexp: skip {cell}: {e}" for cell, e in refused])

@@ -74,6 +74,8 @@ def run_hash(cfg: KvexpConfig, build: BuildSpec) -> str:
     eval, bench and seed settings, and kvexp's numerics version. Key order and composition route do not count."""
     ev = dataclasses.asdict(cfg.eval)
     ev.pop("name")
+    if not ev["limits"]:
+        ev.pop("limits")  # the hash of a run without per-task limits is what it was before they existed
     bench = dataclasses.asdict(cfg.bench)
     bench.pop("name")
     return artifacts.digest({"build": build.identity, "context": [cfg.context.prompt_len, cfg.context.gen_len],

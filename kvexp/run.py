@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from kvexp import preflight
 from kvexp.resolve import validate
 from kvexp.engines import engine_class
-from kvexp.errors import KvexpError
+from kvexp.errors import KvexpError, UnsupportedConfig
 from kvexp.job import JOBS_ENV, LOADING_STAGES, PARENT_ENV, STAGE_TAG, SWEEP_ENV, run_job
 from kvexp.secrets import scrub, take_uri_credentials
 from kvexp.tracking import TAG, Tracker
@@ -35,22 +35,29 @@ log = logging.getLogger("kvexp")
 @hydra.main(config_path=str(preflight.CONF_DIR), config_name="config", version_base="1.3")
 def hydra_job(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
+    logging.captureWarnings(True)  # libraries' warnings into the log (the job's file, not the console: ConsoleFilter)
     total = os.environ.get(JOBS_ENV + "_TOTAL")
     if total:
         os.environ[JOBS_ENV] = f"job {hc.job.num + 1}/{total}"
-    return run_job(validate(cfg), OmegaConf.to_yaml(cfg), list(hc.overrides.task), Path(hc.runtime.output_dir))
+    try:
+        spec = validate(cfg)
+    except UnsupportedConfig:  # a sweep cell its engine cannot run: preflight said so, and the sweep goes on
+        return "SKIPPED"
+    return run_job(spec, OmegaConf.to_yaml(cfg), list(hc.overrides.task), Path(hc.runtime.output_dir))
 
 
-def summarize(tracker: Tracker, sweep_id: str, jobs: int, stopped: Optional[str]) -> Counter:
+def summarize(tracker: Tracker, sweep_id: str, plan: preflight.Plan, stopped: Optional[str]) -> Counter:
     runs = tracker.sweep_runs(sweep_id)
     counts = Counter(r.info.status for r in runs)
     for r in runs:
         if r.info.status == "FAILED":
             print(f"kvexp: error: {failure(r.info.run_name, r.data.tags)}", file=sys.stderr)
+    jobs = len(plan.specs)
     rest = jobs - len(runs)  # jobs with no run of this command: skipped, or never started if the sweep stopped
-    rest_text = f"{rest} not run (the sweep stopped)" if stopped else \
-        f"{rest} skipped (already finished, or running in another sweep; force=true re-runs finished ones)"
+    rest_text = f"{rest} not run (the sweep stopped)" if stopped else f"{rest} skipped" + (
+        " (already finished, or running in another sweep; force=true re-runs finished ones)" if rest else "")
     killed = f", {counts['KILLED']} killed" if counts["KILLED"] else ""
+    killed += f"; {len(plan.refused)} not run by their engine (above)" if plan.refused else ""
     print(f"kvexp: {jobs} job(s): {counts['FINISHED']} finished, {counts['FAILED']} failed, {rest_text}{killed}; "
           f"store: {tracker.shown_uri}")
     return counts
@@ -102,14 +109,24 @@ def launch() -> Optional[str]:
     return None
 
 
-def finish(tracker: Tracker, sweep_id: str, parent: Optional[str], jobs: int, stopped: Optional[str]) -> int:
+def skipped_to(tracker: Tracker, sweep_id: str, plan: preflight.Plan) -> list:
+    """The FINISHED run each job skipped to: the run that held its config hash when the job had none here."""
+    ran = {r.data.tags.get(TAG + "config_hash") for r in tracker.sweep_runs(sweep_id)}
+    found = (tracker.find_finished(h) for h in dict.fromkeys(s.config_hash for s in plan.specs) if h not in ran)
+    return [r for r in found if r is not None]
+
+
+def finish(tracker: Tracker, sweep_id: str, parent: Optional[str], plan: preflight.Plan,
+           stopped: Optional[str]) -> int:
     """End what the jobs could not (a run whose process died or was interrupted), report, close the parent run."""
     tracker.reap_stale(tracker.sweep_runs(sweep_id))
-    if parent:  # the side-by-side table (also logged to the parent run as text, PNG and HTML) before the summary
+    finished = [r for r in tracker.sweep_runs(sweep_id) if r.info.status == "FINISHED"]
+    skipped = skipped_to(tracker, sweep_id, plan)
+    if parent and (finished or skipped):  # the side-by-side table (also logged to the parent run) before the summary
         from kvexp.compare import sweep_table
 
-        print(sweep_table(tracker, sweep_id))
-    counts = summarize(tracker, sweep_id, jobs, stopped)
+        print(sweep_table(tracker, sweep_id, skipped))
+    counts = summarize(tracker, sweep_id, plan, stopped)
     if stopped == "interrupted":
         print("kvexp: interrupted; the runs in progress were marked KILLED" + (", the sweep's too" if parent else ""),
               file=sys.stderr)
@@ -124,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = take_uri_credentials(sys.argv[1:] if argv is None else argv)
     sys.argv[1:] = argv
     try:
+        if preflight.shows_only(argv):  # Hydra prints and exits, as in any Hydra app: no job, no store
+            return 0 if launch() is None else 1
         plan = preflight.plan(argv)
         dry = [s for s in plan.specs if getattr(s.engine_options, "dry_run", False)]
         if dry:  # print what would be built, import nothing heavy, track nothing
@@ -131,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(engine_class(spec.engine_options.name).plan(spec), indent=2, default=str))
             return 0
         tracker = open_store(plan)
+        for line in plan.refused:
+            print(line)
     except KvexpError as e:
         print(f"kvexp: error: {e}", file=sys.stderr)
         return 2
@@ -138,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[SWEEP_ENV] = sweep_id  # environment, not globals: jobs may run in other processes (joblib, SLURM)
     parent = None
     if plan.multirun:
-        os.environ[JOBS_ENV + "_TOTAL"] = str(len(plan.specs))
+        os.environ[JOBS_ENV + "_TOTAL"] = str(len(plan.specs) + len(plan.refused))  # Hydra numbers every cell
         parent = tracker.start_run(f"sweep-{sweep_id[:8]}", {TAG + "sweep_id": sweep_id, TAG + "sweep": "true",
                                                              TAG + "command": " ".join(argv)[:5000]})
         os.environ[PARENT_ENV] = parent
-    return finish(tracker, sweep_id, parent, len(plan.specs), launch())
+    return finish(tracker, sweep_id, parent, plan, launch())
 
 
 if __name__ == "__main__":

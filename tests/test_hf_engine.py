@@ -164,12 +164,23 @@ def test_compare_has_no_hf_table_without_hf_rows():
     assert not any("vs engine=hf" in t.title for t in tables(rows, rows)[0])
 
 
-def test_the_sweep_with_hf_awq_is_refused_before_anything_runs(in_tmp):
-    """transformers' AWQ loader needs gptqmodel and a pre-quantized checkpoint: refused at validation, one line,
-    naming the engines that run it; nothing is tracked."""
+def test_a_sweep_skips_the_cells_hf_cannot_run_and_a_single_run_is_refused(in_tmp):
+    """transformers' AWQ loader needs gptqmodel and a pre-quantized checkpoint: in a sweep, hf's awq cell is skipped
+    with one line naming the engines that run it, the other cells are planned; alone, it is refused (exit 2)."""
     from test_sweep import kvexp_run
 
-    proc = kvexp_run(in_tmp, "-m", "engine=torch,hf", "quant=fp16,awq", "experiment=smoke")  # (int8kv: needs hqq)
+    from kvexp import preflight
+
+    plan = preflight.plan(["-m", "engine=torch,hf", "quant=fp16,awq", "experiment=smoke"])
+    assert [(s.engine_options.name, s.cfg.quant.name) for s in plan.specs] == [("torch", "fp16"), ("torch", "awq"),
+                                                                                ("hf", "fp16")]
+    assert plan.refused == ["kvexp: skip engine=hf quant=awq: quant.weights (dtype=int4, algo=awq): not supported by "
+                            "engine=hf; supported by engine=torch|trtllm"]
+    with pytest.raises(KvexpError, match="quant.weights"):  # a sweep of nothing but refusals runs nothing
+        preflight.plan(["-m", "engine=hf", "quant=awq,fp8", "experiment=smoke"])
+    with pytest.raises(KvexpError, match="not one of"):  # a typo is not a capability: the whole sweep is refused
+        preflight.plan(["-m", "engine=torch,hf", "quant.kv_cache.dtype=int9", "experiment=smoke"])
+    proc = kvexp_run(in_tmp, "engine=hf", "quant=awq", "experiment=smoke")
     assert proc.returncode == 2 and not (in_tmp / "mlruns" / "mlflow.db").exists()
     assert proc.stderr.strip() == ("kvexp: error: quant.weights (dtype=int4, algo=awq): not supported by engine=hf; "
                                    "supported by engine=torch|trtllm")
@@ -178,16 +189,18 @@ def test_the_sweep_with_hf_awq_is_refused_before_anything_runs(in_tmp):
 @pytest.mark.slow
 @needs_hqq
 def test_sweep_runs_both_engines_and_compares_them(in_tmp):
-    """engine=torch,hf x fp16,int8kv on the tiny model (about 70 s on 2 cores): four FINISHED runs, each engine's
-    int8kv against its own fp16, and the table of torch against hf per preset."""
+    """The issue's command, engine=torch,hf x fp16,int8kv,awq on the tiny model (about 100 s on 2 cores): hf's awq
+    cell skipped in one line, five FINISHED runs, each engine's int8kv against its own fp16, and the table of torch
+    against hf per preset."""
     from test_sweep import METRICS, kvexp_run, runs_in
 
-    proc = kvexp_run(in_tmp, "-m", "engine=torch,hf", "quant=fp16,int8kv", "experiment=smoke")
+    proc = kvexp_run(in_tmp, "-m", "engine=torch,hf", "quant=fp16,int8kv,awq", "experiment=smoke")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "4 finished, 0 failed" in proc.stdout and "vs engine=hf with the same model, quant and context" in proc.stdout
+    assert "5 finished, 0 failed" in proc.stdout and "vs engine=hf with the same model, quant and context" in proc.stdout
+    assert proc.stdout.count("kvexp: skip engine=hf quant=awq: ") == 1
     jobs = {(r.data.tags[TAG + "engine"], r.data.tags[TAG + "quant"]): r for r in runs_in(in_tmp)
             if r.data.tags.get(TAG + "sweep") != "true"}
-    assert set(jobs) == {(e, q) for e in ("torch", "hf") for q in ("fp16", "int8kv")}
+    assert set(jobs) == {(e, q) for e in ("torch", "hf") for q in ("fp16", "int8kv")} | {("torch", "awq")}
     for (engine, quant), r in jobs.items():
         assert set(METRICS) <= set(r.data.metrics), (engine, quant, set(METRICS) - set(r.data.metrics))
         assert any(k.startswith("acc.kvexp_ppl.") for k in r.data.metrics)

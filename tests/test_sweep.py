@@ -40,6 +40,30 @@ def _fp16_engine_reproduces_the_cached_reference(fp16: dict, int8: dict, monkeyp
     assert fresh["fid.greedy_agree"] == fp16["fid.greedy_agree"] == 1
 
 
+# What the console must not show: other libraries' INFO lines and warnings, git's complaint outside a repository,
+# and a reference stage for jobs that compute no reference
+NOISE = ("fatal: not a git repository", "][lm_eval", "INFO lm_eval", "generated new fontManager", "is not tested",
+         "KV Cache quantization", "Inserted", "fidelity reference", "computing the fp16 reference")
+
+
+def _the_console_keeps_what_a_user_needs_and_the_log_has_the_rest(proc, tracker, by_quant) -> None:
+    console = (proc.stdout + proc.stderr).split("\n")  # not splitlines(): a progress bar's "\r" redraws one line
+    assert not [line for line in console if any(n in line for n in NOISE)]
+    # job i/N and its stages, for each job; the table; the summary
+    for i in (1, 2, 3):
+        assert any(f"[job {i}/3] build" in line for line in console), i
+    # Hydra's launch lines, 5 stage lines a job, the two tables, the summary: 35 lines besides progress bars, not 158
+    lines = [line for line in console if line.strip() and not any(bar in line for bar in ("it/s]", "s/it]", "%|"))]
+    assert len(lines) <= 40, "\n".join(lines)
+    logs = {}
+    for quant, run in by_quant.items():
+        (name,) = [a.path for a in tracker.client.list_artifacts(run.info.run_id, "logs")]
+        logs[quant] = tracker.read_text(run.info.run_id, name)
+    assert "[job 1/3] build" in logs["fp16"]  # the console's lines are in it too
+    assert all("lm_eval" in text for text in logs.values())  # lm-eval's INFO lines went here
+    assert "computing the fp16 reference" not in logs["int8kv"]  # fp16's job computed it; the others read it
+
+
 @pytest.mark.slow
 def test_smoke_sweep_tracks_three_runs_and_a_rerun_adds_none(in_tmp, monkeypatch):
     proc = kvexp_run(in_tmp, "-m", "quant=fp16,int8kv,awq", "experiment=smoke")
@@ -72,9 +96,10 @@ def test_smoke_sweep_tracks_three_runs_and_a_rerun_adds_none(in_tmp, monkeypatch
     # perplexity is scored KV-faithfully for int8kv (the cache is read back), so it moves; fp16 is one-pass
     ppl = "acc.kvexp_ppl.byte_perplexity"
     assert int8[ppl] != fp16[ppl] and abs(int8[ppl] / fp16[ppl] - 1) < 0.01
-    artifacts = {a.path for a in Tracker(f"sqlite:///{in_tmp}/mlruns/mlflow.db", "kvexp").client.list_artifacts(
-        children[0].info.run_id)}
-    assert {"config.yaml", "overrides.txt"} <= artifacts
+    tracker = Tracker(f"sqlite:///{in_tmp}/mlruns/mlflow.db", "kvexp")
+    artifacts = {a.path for a in tracker.client.list_artifacts(children[0].info.run_id)}
+    assert {"config.yaml", "overrides.txt", "logs"} <= artifacts
+    _the_console_keeps_what_a_user_needs_and_the_log_has_the_rest(proc, tracker, by_quant)
 
     again = kvexp_run(in_tmp, "-m", "quant=fp16,int8kv,awq", "experiment=smoke")
     assert again.returncode == 0 and "0 finished, 0 failed, 3 skipped" in again.stdout

@@ -6,7 +6,9 @@ calibrated result; RTN (round to nearest, no calibration) is the baseline AWQ sh
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
 import time
 from pathlib import Path
@@ -96,7 +98,11 @@ def _awq(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dic
                 backbone(b.to(device))
                 bar.update(len(b))
 
-    mtq.quantize(model, cfg, forward_loop)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # ModelOpt print()s its steps ("Inserted 56 quantizers"): the log's
+        mtq.quantize(model, cfg, forward_loop)
+    for line in filter(None, printed.getvalue().splitlines()):
+        logging.getLogger("modelopt").info(line)
     state = export_int4(model, group)
     del model
     return state
