@@ -8,9 +8,9 @@ and in kvexp.core.kernels.wq_matmul.quantize_rows_ref, and every kernel reproduc
 GEMM's summation order differs between the CPU reference and the GPU.
 
 Kernels, chosen per device by `prepare` (`kernel` attribute):
-  triton     decode rows (<= GEMV_ROWS) through the Triton GEMV reading e4m3 weights (fp8 tensor-core dots
-             when the activations are e4m3 too, after one quantize_rows launch); more rows run scaled_mm's
-             path (W8A8) or a transient dense weight and cuBLAS (weight-only). CUDA sm89+.
+  triton     decode rows (<= GEMV_ROWS) through the Triton GEMV reading e4m3 weights (and, W8A8, the e4m3 rows
+             of one quantize_rows launch); more rows run scaled_mm's path (W8A8) or a transient dense weight
+             and cuBLAS (weight-only). CUDA sm89+.
   scaled_mm  every row count through torch._scaled_mm (row-wise scales, bf16 out), kept for side-by-side
              measurement against the GEMV; weight-only layers have no _scaled_mm form and keep triton's.
   reference  PyTorch float32 math on the same e4m3 values: the CPU path and what the tests hold the GPU to.

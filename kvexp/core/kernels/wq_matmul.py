@@ -16,8 +16,9 @@ reduction kernel (the stream-K fix-up of Osama et al., 2023).
 
 FP8 (kvexp.core.fp8's format): qweight [N, K] float8_e4m3fn with one float32 scale per output row, applied
 once to the finished sum (row_scale=True), not per group; with activations in e4m3 too, x is the [M, K]
-float8_e4m3fn output of `quantize_rows` (one float32 scale per row), the dot runs on fp8 tensor cores (sm89+)
-and the finish multiplies by x's row scale as well.
+float8_e4m3fn output of `quantize_rows` (one float32 scale per row), both operands are upcast to bf16 in
+registers (exactly: the products and fp32 sums are an fp8 MMA's, and a GEMV at <= 16 rows is bound by the
+weight bytes, not the tensor cores) and the finish multiplies by x's row scale as well. sm89+ (e4m3 casts).
 
 `dequantize` writes the dense weight [N, K] in the model dtype, one pass at ~2.5 bytes per weight, for
 prefill, where a dense GEMM on many rows beats any GEMV. The *_ref functions are the same math in
@@ -123,7 +124,7 @@ def split_for(cfg: MatmulConfig, n_tiles: int, n_groups: int, sms: int) -> int:
 
 @triton.jit
 def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr):
+               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, X_FP8: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32 = x[:, group g] @ q[rows offs_n, group g]^T (integer weights, no scale yet)."""
     dtype = x_ptr.dtype.element_ty
     if BITS == 4:
@@ -139,10 +140,13 @@ def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_
         if HAS_PRE:  # rounded to the model dtype before the dot, as (x * pre_scale) is in PyTorch
             xa = (xa.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
         return tl.dot(xa, tl.trans(w))
-    else:  # int8 codes, or (BITS 16) the dense weight itself, one K tile of GROUP columns
+    else:  # int8 codes, e4m3 weights, or (BITS 16) the dense weight itself, one K tile of GROUP columns
         k = g * GROUP + tl.arange(0, GROUP)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0).to(dtype)
+        # other=0.0: an integer fill would need an int -> fp8 cast for e4m3 weights
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0.0).to(dtype)
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
+        if X_FP8:  # e4m3 x and w upcast exactly: a bf16 dot's products and fp32 sums are an fp8 MMA's
+            return tl.dot(xa.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
         if HAS_PRE:
             xa = (xa.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
         return tl.dot(xa, tl.trans(w))
@@ -150,9 +154,10 @@ def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_
 
 @triton.jit
 def _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-                stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, ROW_SCALE: tl.constexpr):
+                stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, ROW_SCALE: tl.constexpr,
+                X_FP8: tl.constexpr):
     part = _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-                      GROUP, BITS, HAS_PRE)
+                      GROUP, BITS, HAS_PRE, X_FP8)
     if BITS == 16 or ROW_SCALE:  # no group scales (ROW_SCALE: applied once, in _finish)
         return acc + part
     s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -177,10 +182,10 @@ def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, pre_ptr, bias_ptr, part_ptr, 
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(pid_k * per_split, g_end):
         acc = _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm,
-                          stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE)
+                          stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE)
         if GATED:
             acc_up = _accumulate(acc_up, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n + N, mask_m, mask_n, g,
-                                 stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE)
+                                 stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         _finish(acc, acc_up, s_ptr, xs_ptr, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_m, mask_n,
@@ -336,7 +341,7 @@ def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride
     else:
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = mask_n[:, None] & (k < K)[None, :]
-        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask, other=0).to(tl.float32)
+        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (k // GROUP)[None, :], mask=mask, other=0.0)
         tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], (q * s.to(tl.float32)).to(dtype), mask=mask)
 
