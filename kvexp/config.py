@@ -45,6 +45,13 @@ class KVQuantConfig:
 
 
 @dataclass
+class ActivationQuantConfig:
+    # The linears' inputs: auto (the model dtype) | fp8 (e4m3, needs quant.weights.dtype=fp8: W8A8).
+    dtype: str = "auto"
+    scale: str = "dynamic"  # dynamic (per token, at run time) | static (one calibrated scale per linear, ModelOpt)
+
+
+@dataclass
 class CalibConfig:
     # "builtin" (text shipped with kvexp, offline), "organism" (builtin:organism's task documents, offline),
     # "cnn_dailymail", "wikitext", or a local .txt/.jsonl path.
@@ -58,6 +65,7 @@ class QuantConfig:
     name: str = "fp16"
     weights: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     kv_cache: KVQuantConfig = field(default_factory=KVQuantConfig)
+    activations: ActivationQuantConfig = field(default_factory=ActivationQuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
 
 
@@ -136,6 +144,8 @@ CHOICES = {
     "quant.kv_cache.dtype": ("auto", "int8", "fp8", "int4"),
     "quant.kv_cache.scale": ("dynamic", "static"),
     "quant.kv_cache.granularity": ("token", "head", "tensor"),
+    "quant.activations.dtype": ("auto", "fp8"),
+    "quant.activations.scale": ("dynamic", "static"),
     "eval.kv_faithful": ("auto", "on", "off"),
     "bench.profile": ("none", "torch", "ncu", "nsys"),
 }
@@ -220,6 +230,13 @@ def _validate_quant(q: dict) -> None:
         raise ConfigError(
             f"quant.weights: dtype={w['dtype']} with algo={w['algo']}: int4 weights need algo awq or rtn, "
             "and awq/rtn need dtype int4")
+    act = q["activations"]
+    if act["dtype"] == "fp8" and w["dtype"] != "fp8":
+        raise ConfigError(f"quant.activations.dtype=fp8: fp8 activations need fp8 weights (the GEMM takes both in "
+                          f"e4m3), and quant.weights.dtype={w['dtype']}; add quant.weights.dtype=fp8 or use quant=fp8")
+    if act["dtype"] == "auto" and act["scale"] == "static":
+        raise ConfigError("quant.activations.scale=static: only fp8 activations have scales; add "
+                          "quant.activations.dtype=fp8 or use quant=fp8_static")
     if kv["scale"] == "dynamic" and kv["granularity"] != "token":
         raise ConfigError(
             f"quant.kv_cache.granularity={kv['granularity']}: dynamic scales are per token; "
@@ -234,7 +251,8 @@ def _validate_organism(data: dict) -> None:
     if not organism.is_organism(data["model"]["path"]):
         return
     q = data["quant"]
-    calibrated = q["weights"]["algo"] == "awq" or q["kv_cache"]["scale"] == "static"
+    calibrated = q["weights"]["algo"] == "awq" or q["kv_cache"]["scale"] == "static" or \
+        q["activations"]["scale"] == "static"
     if calibrated and q["calib"]["dataset"] != "organism":
         raise ConfigError(f"quant.calib.dataset={q['calib']['dataset']}: the model organism reads only its own "
                           "task's words; use quant.calib.dataset=organism (experiment=organism sets it)")

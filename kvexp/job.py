@@ -52,6 +52,8 @@ def run_tags(spec: RunSpec, extra: Optional[dict] = None) -> dict[str, str]:
             "context": c.context.name, "git_commit": git_commit(), "versions": str(b.versions),
             "device": b.device_name, "dtype": b.dtype, "attention": b.attention, "numerics": b.numerics,
             "sweep_id": os.environ.get(SWEEP_ENV, ""), "stage": "setup"}
+    if b.numerics_only:  # fp8 emulated on a CPU: compare shows no speed for it
+        tags["numerics_only"] = "true"
     return {TAG + k: str(v) for k, v in (tags | (extra or {})).items()} | gpu_tags(b.device)
 
 

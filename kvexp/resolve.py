@@ -62,8 +62,9 @@ def build_spec(cfg: KvexpConfig, options, cls=None) -> BuildSpec:
         engine=options.name, model=cfg.model.path,
         model_fingerprint=checkpoint.model_fingerprint(cfg.model.path, cfg.model.revision, cache_dir),
         model_dir=None if model_dir is None else str(model_dir), device=str(device), device_name=device_name(device),
-        dtype=str(dtype).removeprefix("torch."), weights=WeightFormat(q.weights.dtype, q.weights.algo,
-                                                                      q.weights.group_size, q.weights.lm_head),
+        dtype=str(dtype).removeprefix("torch."),
+        weights=WeightFormat(q.weights.dtype, q.weights.algo, q.weights.group_size, q.weights.lm_head,
+                             q.activations.dtype, q.activations.scale),
         kv=kv, attention=cls.attention_impl(kv, device, dtype, options),
         calib=calib_spec(q, cache_dir) if needs_calib(q) else None, options=resolved,
         versions=library_versions())

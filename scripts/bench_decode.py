@@ -8,6 +8,8 @@
   (c) peak memory, KV bytes per token, the fraction of the HBM roofline (bytes per step / copy bandwidth),
       and the ceiling ratio over fp16 that each output-head choice allows
   (p) a kernel-by-kernel profile (torch.profiler) of one decode step of the kept design
+  (fp8) with --fp8: bf16 vs fp8 (e4m3 weights and per-token activations, fp8 KV) vs fp8 weight-only, and fp8
+      with torch._scaled_mm for every row count instead of the Triton GEMV, batch 1 and 8, 512 and 32k context
 
 Models: Llama-3.2-1B's and Qwen2.5-1.5B's shapes with random weights (speed does not depend on the values).
 AWQ's speed is measured with round-to-nearest int4 weights: the same packed format and the same kernels,
@@ -63,6 +65,11 @@ KERNEL_VARIANTS = {
     "awq triton, int8 head": ("awq", ["quant.weights.algo=rtn", "quant.weights.lm_head=int8"], "triton", "triton"),
 }
 VARIANTS_QUICK = ("fp16 cublas", "fp16 triton", "awq tinygemm", "awq triton", "awq auto")  # --quick: no head variant
+FP8_CALIB = ["quant.calib.dataset=builtin", "quant.calib.num_samples=8", "quant.calib.seq_len=256"]  # its static KV
+# --fp8: name -> (quant preset, overrides, Fp8Linear kernel); the first is the baseline of every ratio
+FP8_VARIANTS = {"fp16": ("fp16", [], "auto"), "fp8": ("fp8", FP8_CALIB, "auto"),
+                "fp8_weights": ("fp8_weights", [], "auto"), "fp8 scaled_mm": ("fp8", FP8_CALIB, "scaled_mm")}
+FP8_SHAPES = [(512, 1), (512, 8), (32000, 1), (32000, 8)]  # 32000: Qwen2.5's 32k positions hold the generation
 
 
 def make_checkpoint(out: Path, shape: dict) -> Path:
@@ -127,6 +134,38 @@ def kernels(dense: str, packed: str):
         yield
     finally:
         CausalLM.prepare_kernels = original
+
+
+@contextmanager
+def fp8_kernel(kernel: str):
+    """Engines built inside run their fp8 linears on this kernel (kvexp.core.fp8.KERNELS)."""
+    from kvexp.core.fp8 import Fp8Linear
+
+    original = Fp8Linear.prepare
+    Fp8Linear.prepare = lambda self, _kernel="auto": original(self, kernel)
+    try:
+        yield
+    finally:
+        Fp8Linear.prepare = original
+
+
+def part_fp8(ckpt: Path, gen: int, iters: int, bw: float) -> list[dict]:
+    """FP8_VARIANTS at FP8_SHAPES (the _scaled_mm variant at 512 only: it differs from fp8 in the decode GEMV);
+    tok/s and TTFT also as ratios to bf16 (fp16) at the same shape, from this run."""
+    rows = []
+    for name, (quant, extra, kernel) in FP8_VARIANTS.items():
+        try:
+            with fp8_kernel(kernel):
+                rows += run_engine(ckpt, name, quant, extra, "auto", "auto",
+                                   FP8_SHAPES if kernel == "auto" else FP8_SHAPES[:2], gen, iters, bw, False)[0]
+        except Exception as e:  # one broken variant is a missing row, not a lost run
+            print(f"[fp8] {name}: {type(e).__name__}: {e}"[:400], flush=True)
+            torch.cuda.empty_cache()
+    base = {(r["ctx"], r["batch"]): r for r in rows if r["variant"] == next(iter(FP8_VARIANTS))}
+    for r in rows:
+        if (b := base.get((r["ctx"], r["batch"]))) is not None:
+            r["vs_fp16"], r["ttft_vs_fp16"] = r["tok_s"] / b["tok_s"], r["ttft_ms"] / b["ttft_ms"]
+    return rows
 
 
 def step_bytes(engine, batch: int, context: int) -> float:
@@ -280,12 +319,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
     ap.add_argument("--json", type=Path, help="also write the results here (rewritten after every part)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "k", "kernels", "b", "kv", "hf", "p"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "k", "kernels", "b", "kv", "fp8", "hf", "p"])
     ap.add_argument("--models", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--tune", action="store_true", help="first sweep the attention and linear kernels' configs")
     ap.add_argument("--budget-s", type=float, help="skip the parts that would start after this many seconds")
     ap.add_argument("--sweep", action="store_true", help="part (a) adds the context sweep per KV format")
     ap.add_argument("--kv", action="store_true", help="the KV formats end to end against fp16 (KV_SHAPES)")
+    ap.add_argument("--fp8", action="store_true", help="bf16 vs fp8 vs fp8 weight-only end to end (FP8_SHAPES)")
     args = ap.parse_args()
     start = time.perf_counter()
     bw = copy_bandwidth("cuda")
@@ -335,6 +375,9 @@ def main() -> None:
         if args.kv and go(f"kv:{model}"):
             results.setdefault("kv", {})[model] = rows = part_b(ckpt, KV_SHAPES, gen // 2, iters, bw, KV_QUANTS)
             print(f"\n(kv) {model}: KV formats end to end\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
+        if args.fp8 and go(f"fp8:{model}"):
+            results.setdefault("fp8", {})[model] = rows = part_fp8(ckpt, gen, iters, bw)
+            print(f"\n(fp8) {model}: bf16 vs fp8\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
         if not args.quick and model == "llama-3.2-1b" and go(f"b:{model}"):
             results["e2e"] = part_b(ckpt, [(32768, 1), (32768, 8)], gen, iters, bw)
             print("\n(b, c) end-to-end decode, 32k\n" + table(results["e2e"], [c for c in results["e2e"][0] if c != "kernels"]))

@@ -1,6 +1,7 @@
 """The decode step's linears, one at a time, side by side in one process: cuBLAS bf16, the Triton GEMV on bf16
 weights, torch's tinygemm int4 and the Triton W4A16 (and, for the head, W8A16) kernel over a sweep of launch
-configs. Each variant is first checked against float64 math on fresh random inputs (outputs NaN-poisoned),
+configs, and (sm89+, not the head) fp8: the Triton GEMV on e4m3 weights with bf16 activations ("triton fp8w")
+or e4m3 ones after quantize_rows ("triton fp8"), against quantize_rows + torch._scaled_mm ("scaled_mm fp8"). Each variant is first checked against float64 math on fresh random inputs (outputs NaN-poisoned),
 then timed as CUDA-graph replays (triton.testing.do_bench_cudagraph, median) over enough weight copies to
 defeat the L2. Used by scripts/bench_decode.py (`--tune` makes the fastest config the kernel's default).
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvexp.core import fused  # noqa: E402
+from kvexp.core.fp8 import FP8_CAPABILITY, Fp8Linear, quantize_weight  # noqa: E402
 from kvexp.core.int4 import Int4Linear, rtn_quantize  # noqa: E402
 from kvexp.core.kernels import wq_matmul as wq  # noqa: E402
 
@@ -105,9 +107,34 @@ def bench_layer(name: str, rows: int, k: int, gated: bool, m: int, sweep: list, 
             add(f"triton int{bits}", lambda r, c=cfg, b=bits: wq.wq_matmul(x, ps[r][0], ps[r][1], group, b,
                                                                             gated=gated, config=c),
                 q_bytes, ref_q, cfg)
+    if name != "head" and torch.cuda.get_device_capability() >= FP8_CAPABILITY:
+        _fp8_variants(add, w, x, gated, silu, ref_of)
     del w, packed
     torch.cuda.empty_cache()
     return [dict(r, out_cols=out_cols) for r in results]
+
+
+def _fp8_variants(add, w: list, x: torch.Tensor, gated: bool, silu, ref_of) -> None:
+    """The fp8 kernels of kvexp.core.fp8 on e4m3 copies of the weights, against their own e4m3 math."""
+    quantized = [quantize_weight(wi) for wi in w]
+    q_bytes = quantized[0][0].numel() + quantized[0][1].numel() * 4
+    w_deq = quantized[0][0].double() * quantized[0][1].double()[:, None]
+    for activations, kernel, variant in ((False, "triton", "triton fp8w"), (True, "triton", "triton fp8"),
+                                         (True, "scaled_mm", "scaled_mm fp8")):
+        layers = [Fp8Linear(q, s, activations) for q, s in quantized]
+        for layer in layers:
+            layer.prepare(kernel)
+        if activations:
+            xq, xs = wq.quantize_rows_ref(x)
+            h = (xq.double() * xs.double()[:, None]) @ w_deq.T
+            ref = F.silu(h[:, :h.shape[1] // 2]) * h[:, h.shape[1] // 2:] if gated else h
+        else:
+            ref = ref_of(w_deq)
+        if gated and kernel == "triton":
+            fn = lambda r, ls=layers: ls[r].silu_mul(x)  # noqa: E731
+        else:
+            fn = (lambda r, ls=layers: silu(ls[r](x))) if gated else (lambda r, ls=layers: ls[r](x))
+        add(variant, fn, q_bytes, ref)
 
 
 def best_of(rows: list[dict]) -> list[dict]:

@@ -49,7 +49,7 @@ def test_hash_ignores_where_not_what():
     (["model.path=builtin:huge"], "model.path=builtin:huge"),
     (["quant.kv_cache.dtype=int3"], "quant.kv_cache.dtype=int3"),
     (["quant.kv_cache.granularity=head"], "quant.kv_cache.granularity=head"),
-    (["quant=fp8"], "quant.weights"),  # fp8 weights: not on engine=torch, names the engine that has them
+    (["quant=fp8", "engine=hf"], "quant.weights"),  # fp8 weights: not on engine=hf, names the engines that have them
     (["engine.device=tpu"], "engine.device=tpu"),
     (["engine.nope=1"], "engine.nope"),
     (["quant=fp16,int8kv"], "-m"),  # a sweep without multirun
@@ -63,8 +63,8 @@ def test_validation_names_the_field(overrides, field):
 
 
 def test_unsupported_quant_names_the_engines_that_support_it():
-    with pytest.raises(ConfigError, match="engine=trtllm"):
-        make_spec("quant=fp8")
+    with pytest.raises(ConfigError, match="engine=torch"):
+        make_spec("quant=fp8", "engine=hf")
 
 
 def test_missing_checkpoint_files(tmp_path):

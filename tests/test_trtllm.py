@@ -34,7 +34,10 @@ H100, A100, T4 = ("NVIDIA H100 80GB HBM3", (9, 0)), ("NVIDIA A100-SXM4-80GB", (8
 # preset -> (QuantConfig.quant_algo, kv_cache_quant_algo) on backend=tensorrt; "reject": UnsupportedConfig
 TENSORRT = {"fp16": (None, None), "int8kv": (None, "INT8"), "int8kv_static": (None, "INT8"),
             "awq": ("W4A16_AWQ", None), "awq_int8kv": ("W4A16_AWQ", "INT8"), "fp8": ("FP8", "FP8"),
+            "fp8_static": ("FP8", "FP8"), "fp8_weights": "reject",  # QuantAlgo.FP8 has no weight-only form
             "fp8kv": (None, "FP8"), "int4kv": "reject", "int4kv_static": "reject"}
+# what a rejected preset's message names: the capability table rejects it before any backend rule
+REJECTED_FIELD = {"fp8_weights": "quant.activations"}
 PYTORCH = {"fp16": "auto", "fp8kv": "fp8"}  # KvCacheConfig.dtype; every other preset is rejected on this backend
 
 
@@ -96,7 +99,7 @@ def test_every_quant_preset_is_mapped():
 def test_tensorrt_backend_plan_per_preset(preset, tmp_path, only_trtllm):
     spec = make_spec(f"quant={preset}", "engine.dry_run=true", f"cache_dir={tmp_path}")
     if TENSORRT[preset] == "reject":
-        with pytest.raises(UnsupportedConfig, match="quant.kv_cache.dtype=int4"):
+        with pytest.raises(UnsupportedConfig, match=REJECTED_FIELD.get(preset, "quant.kv_cache.dtype=int4")):
             TrtllmEngine.check_supported(spec)
         return
     TrtllmEngine.check_supported(spec)
@@ -119,8 +122,8 @@ def test_pytorch_backend_plan_per_preset(preset, tmp_path, only_trtllm):
     if preset not in PYTORCH:
         with pytest.raises(UnsupportedConfig) as err:
             TrtllmEngine.check_supported(spec)
-        # int4 KV is rejected by the capability table before the backend rule
-        expected = "quant.kv_cache.dtype=int4" if TENSORRT[preset] == "reject" else "engine.backend=tensorrt"
+        expected = REJECTED_FIELD.get(preset, "quant.kv_cache.dtype=int4") if TENSORRT[preset] == "reject" \
+            else "engine.backend=tensorrt"
         assert expected in str(err.value)
         return
     TrtllmEngine.check_supported(spec)

@@ -26,6 +26,8 @@ class Capabilities:
     """What an engine can run; checked at validation, before any download or build."""
     devices: frozenset = frozenset({"cpu", "cuda"})
     weight_modes: frozenset = frozenset({("auto", "none")})  # (quant.weights.dtype, quant.weights.algo)
+    # with fp8 weights: the (quant.activations.dtype, scale) pairs the engine runs ("auto": weight-only)
+    fp8_activations: frozenset = frozenset()
     kv_dtypes: frozenset = frozenset({"auto"})
     kv_scales: frozenset = frozenset({("dynamic", "token")})  # (quant.kv_cache.scale, granularity)
     lm_heads: frozenset = frozenset({"bf16"})  # quant.weights.lm_head values
@@ -92,6 +94,11 @@ class Engine(ABC):
             raise UnsupportedConfig(
                 f"quant.weights (dtype={weights[0]}, algo={weights[1]}): not supported by engine={cls.name}"
                 + others(lambda c: weights in c.weight_modes))
+        act = (q.activations.dtype, q.activations.scale)
+        if q.weights.dtype == "fp8" and act not in caps.fp8_activations:
+            raise UnsupportedConfig(
+                f"quant.activations (dtype={act[0]}, scale={act[1]}) with fp8 weights: not supported by "
+                f"engine={cls.name}" + others(lambda c: act in c.fp8_activations))
         if q.weights.lm_head not in caps.lm_heads:
             raise UnsupportedConfig(f"quant.weights.lm_head={q.weights.lm_head}: not supported by engine={cls.name}"
                                     + others(lambda c: q.weights.lm_head in c.lm_heads))

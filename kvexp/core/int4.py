@@ -70,6 +70,7 @@ def quantize_linear(linear: nn.Linear, bits: int, group: int) -> "PackedLinear":
 class PackedLinear(nn.Module):
     """y = (x * pre_scale) @ (q * scale)^T + bias over packed `bits`-wide weights (see the module docstring)."""
     bits = 0  # set by each subclass
+    fmt = ""  # the weight format's name, as prepare_kernels counts layers ("int4.triton": n)
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, group: int,
                  pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None):
@@ -198,16 +199,19 @@ class PackedLinear(nn.Module):
 
 class Int4Linear(PackedLinear):
     bits = 4
+    fmt = "int4"
 
 
 class Int8Linear(PackedLinear):
     bits = 8
+    fmt = "int8"
 
 
 class DenseLinear(PackedLinear):
     """An unquantized linear (qweight is the dense weight [N, K], no scales) run by the same Triton kernel at
     decode, for its fused silu * up epilogue and split-K at small N; prefill is a plain F.linear."""
     bits = 16
+    fmt = "dense"
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
         super().__init__(weight, None, dense_tile(weight.shape[1]), None, bias)

@@ -236,7 +236,7 @@ class CausalLM(nn.Module):
                     child = DenseLinear.from_linear(child)
                     setattr(parent, name, child)
                 if isinstance(child, PackedLinear):
-                    key = f"{'dense' if child.bits == 16 else f'int{child.bits}'}.{child.prepare(packed)}"
+                    key = f"{child.fmt}.{child.prepare(packed)}"
                     count[key] = count.get(key, 0) + 1
         return count
 

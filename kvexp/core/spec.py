@@ -25,6 +25,8 @@ class WeightFormat:
     algo: str  # "none" | "awq" | "rtn"
     group_size: int
     lm_head: str = "bf16"  # the output head: "bf16" (the model dtype) | "int8" | "int4"
+    activations: str = "auto"  # the linears' inputs: "auto" (the model dtype) | "fp8" (e4m3, W8A8)
+    act_scale: str = "dynamic"  # fp8 activations: "dynamic" (per token) | "static" (calibrated, per linear)
 
     @property
     def quantized(self) -> bool:
@@ -79,6 +81,11 @@ class BuildSpec:
         """The named fields (and always the model and numerics version): the key of a derived artifact."""
         data = self.identity
         return {"model_fingerprint": self.model_fingerprint, "numerics": self.numerics} | {p: data[p] for p in parts}
+
+    @property
+    def numerics_only(self) -> bool:
+        """fp8 on a CPU: the e4m3 rounding is exact, the GEMM is float32 emulation, so its speed means nothing."""
+        return self.torch_device.type == "cpu" and "fp8" in (self.weights.dtype, self.weights.activations)
 
     def unquantized(self, attention: str) -> "BuildSpec":
         """The same build with unquantized weights and KV cache (the fidelity reference's), served by attention."""

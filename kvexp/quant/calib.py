@@ -32,8 +32,9 @@ def calibration_texts(calib: CalibConfig) -> list[str]:
 
 
 def needs_calib(quant: QuantConfig) -> bool:
-    """Whether building this quantization reads calibration text: AWQ weights, static KV scales."""
-    return quant.weights.algo == "awq" or (quant.kv_cache.dtype != "auto" and quant.kv_cache.scale == "static")
+    """Whether building this quantization reads calibration text: AWQ weights, static KV or activation scales."""
+    return quant.weights.algo == "awq" or (quant.kv_cache.dtype != "auto" and quant.kv_cache.scale == "static") \
+        or (quant.activations.dtype != "auto" and quant.activations.scale == "static")
 
 
 def check_calib(calib: CalibConfig) -> None:

@@ -1,8 +1,10 @@
 """INT4 weight quantization in two steps (as gpt-fast): build packed weights offline, cached under their own
-hash, then swap them into the model at load.
+hash, then swap them into the model at load; and the static FP8 activation scales.
 
 AWQ runs through nvidia-modelopt (mtq.INT4_AWQ_CFG) on the Hugging Face model, so any engine can reuse the
-calibrated result; RTN (round to nearest, no calibration) is the baseline AWQ should beat.
+calibrated result; RTN (round to nearest, no calibration) is the baseline AWQ should beat. FP8 weights need no
+artifact (per-channel amax, rounded at load: kvexp.core.fp8); static FP8 activation scales are ModelOpt's
+(mtq.FP8_DEFAULT_CFG, max calibration of every linear's input quantizer), cached like the int4 weights.
 """
 from __future__ import annotations
 
@@ -105,6 +107,62 @@ def _awq(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dic
         logging.getLogger("modelopt").info(line)
     state = export_int4(model, group)
     del model
+    return state
+
+
+def fp8_input_scales(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device
+                     ) -> tuple[dict[str, torch.Tensor], float]:
+    """{linear name: 0-d float32 input scale (amax / 448)} for static fp8 activations (cached), and seconds spent."""
+    key = artifact_key(spec, "calib", "versions") | {"fp8_inputs": "FP8_DEFAULT_CFG"}
+    dest = artifacts.path(spec.cache_dir, "quant/fp8-input-scales", key, ".safetensors")
+    start = time.perf_counter()
+
+    def build(tmp: Path) -> None:
+        save_file(_fp8_calibrate(spec, model_dir, tokenizer, device), str(tmp))
+
+    path, built = artifacts.cached(dest, "fp8 input scales", build, lambda p: p)
+    return load_file(str(path)), time.perf_counter() - start if built else 0.0
+
+
+def _fp8_calibrate(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoModelForCausalLM
+
+    from kvexp.core.kernels.wq_matmul import E4M3_MAX
+    from kvexp.quant.calib import calibration_batches, rows_that_fit
+
+    cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)  # a private copy: ModelOpt's dicts are module globals
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    c = model.config
+    # max calibration keeps no copies: a forward's own activations (hidden and MLP widths, fp32) bound it
+    rows = rows_that_fit(device, spec.cfg.quant.calib.seq_len, 4 * (4 * c.hidden_size + 2 * c.intermediate_size))
+    batches = calibration_batches(tokenizer, spec.cfg.quant.calib, batch_size=rows)
+    samples = sum(len(b) for b in batches)
+    log.info("FP8 activation calibration (ModelOpt FP8_DEFAULT_CFG) on %d x %d tokens, %d per forward", samples,
+             batches[0].shape[1], rows)
+
+    def forward_loop(m):  # the backbone alone, as for AWQ: the head is not quantized
+        backbone = getattr(m, "base_model", m)
+        with torch.no_grad(), tqdm(total=samples, desc="FP8 input amax", unit="sample") as bar:
+            for b in batches:
+                backbone(b.to(device))
+                bar.update(len(b))
+
+    mtq.quantize(model, cfg, forward_loop)
+    state = export_fp8_input_scales(model, E4M3_MAX)
+    del model
+    return state
+
+
+def export_fp8_input_scales(model: torch.nn.Module, qmax: float) -> dict[str, torch.Tensor]:
+    """ModelOpt-calibrated linears -> {name: input amax / qmax} for the decoder layers' projections."""
+    state = {}
+    for name, module in model.named_modules():
+        iq = getattr(module, "input_quantizer", None)
+        if iq is None or not iq.is_enabled or not _quantizable(f"{name}.weight"):
+            continue
+        state[name] = (iq._amax.detach().float().reshape(()) / qmax).cpu()
     return state
 
 

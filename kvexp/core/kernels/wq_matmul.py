@@ -14,6 +14,12 @@ Split-K programs write fp32 partials; the last one to finish a column tile (a co
 that program) sums them and writes the output, so one launch does the whole layer: no memset, no second
 reduction kernel (the stream-K fix-up of Osama et al., 2023).
 
+FP8 (kvexp.core.fp8's format): qweight [N, K] float8_e4m3fn with one float32 scale per output row, applied
+once to the finished sum (row_scale=True), not per group; with activations in e4m3 too, x is the [M, K]
+float8_e4m3fn output of `quantize_rows` (one float32 scale per row), both operands are upcast to bf16 in
+registers (exactly: the products and fp32 sums are an fp8 MMA's, and a GEMV at <= 16 rows is bound by the
+weight bytes, not the tensor cores) and the finish multiplies by x's row scale as well. sm89+ (e4m3 casts).
+
 `dequantize` writes the dense weight [N, K] in the model dtype, one pass at ~2.5 bytes per weight, for
 prefill, where a dense GEMM on many rows beats any GEMV. The *_ref functions are the same math in
 PyTorch, the CPU path and what the tests hold the kernels to.
@@ -35,6 +41,9 @@ except ImportError:  # CPU-only install: keep this module importable, calls fail
 
 GEMV_ROWS = 16  # the kernel pads the rows to one 16-row tensor-core tile; more rows run dequantize + GEMM
 BITS_QMAX = {4: 7, 8: 127}  # symmetric integer grid per width
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0  # the largest finite e4m3fn magnitude
+AMAX_FLOOR = 1e-12  # an all-zero row (padding) gets a tiny scale, so it quantizes to zeros, not NaN
 
 
 def unpack_ref(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -60,6 +69,19 @@ def wq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     if pre_scale is not None:
         x = x * pre_scale
     return torch.nn.functional.linear(x, dequantize_ref(qweight, scales, group, bits, x.dtype), bias)
+
+
+def quantize_rows_ref(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], float32 scales [M]) with x ~ q * scale: one scale per row, amax / 448 (dynamic),
+    or the given calibrated per-tensor scale (static, a 0-d float32 tensor; values beyond it saturate). IEEE
+    float32 division and round-to-nearest-even, exactly what `quantize_rows` computes on the GPU."""
+    xf = x.float()
+    if scale is None:  # a tensor divisor: torch turns division by a Python scalar into a reciprocal multiply
+        amax = xf.abs().amax(-1).clamp_min(AMAX_FLOOR)
+        scale = amax / torch.full_like(amax, E4M3_MAX)
+    else:
+        scale = scale.float().expand(x.shape[0])
+    return (xf / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 @dataclass(frozen=True)
@@ -102,7 +124,7 @@ def split_for(cfg: MatmulConfig, n_tiles: int, n_groups: int, sms: int) -> int:
 
 @triton.jit
 def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr):
+               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, X_FP8: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32 = x[:, group g] @ q[rows offs_n, group g]^T (integer weights, no scale yet)."""
     dtype = x_ptr.dtype.element_ty
     if BITS == 4:
@@ -118,10 +140,13 @@ def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_
         if HAS_PRE:  # rounded to the model dtype before the dot, as (x * pre_scale) is in PyTorch
             xa = (xa.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
         return tl.dot(xa, tl.trans(w))
-    else:  # int8 codes, or (BITS 16) the dense weight itself, one K tile of GROUP columns
+    else:  # int8 codes, e4m3 weights, or (BITS 16) the dense weight itself, one K tile of GROUP columns
         k = g * GROUP + tl.arange(0, GROUP)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0).to(dtype)
+        # other=0.0: an integer fill would need an int -> fp8 cast for e4m3 weights
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0.0).to(dtype)
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
+        if X_FP8:  # e4m3 x and w upcast exactly: a bf16 dot's products and fp32 sums are an fp8 MMA's
+            return tl.dot(xa.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
         if HAS_PRE:
             xa = (xa.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
         return tl.dot(xa, tl.trans(w))
@@ -129,21 +154,24 @@ def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_
 
 @triton.jit
 def _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-                stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr):
+                stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, ROW_SCALE: tl.constexpr,
+                X_FP8: tl.constexpr):
     part = _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-                      GROUP, BITS, HAS_PRE)
-    if BITS == 16:
+                      GROUP, BITS, HAS_PRE, X_FP8)
+    if BITS == 16 or ROW_SCALE:  # no group scales (ROW_SCALE: applied once, in _finish)
         return acc + part
     s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
     return acc + part * s[None, :]
 
 
 @triton.jit
-def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, bias_ptr, part_ptr, lock_ptr, out_ptr,
+def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, pre_ptr, bias_ptr, part_ptr, lock_ptr, out_ptr,
                       M, N, n_groups, stride_xm, stride_wn, stride_sn, stride_om,
                       SPLIT_K, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, HAS_PRE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
-    """GATED: the weight is [gate; up] (2N rows) and the output silu(gate) * up [M, N], the MLP's epilogue."""
+                      BLOCK_N: tl.constexpr, HAS_PRE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                      ROW_SCALE: tl.constexpr, X_SCALE: tl.constexpr):
+    """GATED: the weight is [gate; up] (2N rows) and the output silu(gate) * up [M, N], the MLP's epilogue.
+    ROW_SCALE: one weight scale per row (s_ptr [rows]); X_SCALE: x is e4m3 with one scale per row (xs_ptr [M])."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -154,13 +182,14 @@ def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, bias_ptr, part_ptr, lock_ptr
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(pid_k * per_split, g_end):
         acc = _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm,
-                          stride_wn, stride_sn, GROUP, BITS, HAS_PRE)
+                          stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE)
         if GATED:
             acc_up = _accumulate(acc_up, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n + N, mask_m, mask_n, g,
-                                 stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE)
+                                 stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
-        _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om, HAS_BIAS, GATED)
+        _finish(acc, acc_up, s_ptr, xs_ptr, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_m, mask_n,
+                stride_om, HAS_BIAS, GATED, ROW_SCALE, X_SCALE)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         width = 2 * N if GATED else N  # partials [SPLIT_K, M, width] fp32
@@ -178,12 +207,21 @@ def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, pre_ptr, bias_ptr, part_ptr, lock_ptr
                     acc_up += tl.load(part_ptr + k * M * width + part_offs + N, mask=mask, other=0.0,
                                       cache_modifier=".cg")
             tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch (and the next graph replay)
-            _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om, HAS_BIAS, GATED)
+            _finish(acc, acc_up, s_ptr, xs_ptr, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_m, mask_n,
+                    stride_om, HAS_BIAS, GATED, ROW_SCALE, X_SCALE)
 
 
 @triton.jit
-def _finish(acc, acc_up, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om,
-            HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+def _finish(acc, acc_up, s_ptr, xs_ptr, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_m, mask_n, stride_om,
+            HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ROW_SCALE: tl.constexpr, X_SCALE: tl.constexpr):
+    if ROW_SCALE:  # (x . q) * x_scale * w_scale, in this order, as kvexp.core.fp8's reference
+        if X_SCALE:
+            xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+            acc = acc * xs
+            acc_up = acc_up * xs
+        acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if GATED:
+            acc_up = acc_up * tl.load(s_ptr + N + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
@@ -214,10 +252,13 @@ def _sms(device: torch.device) -> int:
 
 def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Tensor], group: int, bits: int,
               pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, gated: bool = False,
-              config: Optional[MatmulConfig] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              config: Optional[MatmulConfig] = None, out: Optional[torch.Tensor] = None, row_scale: bool = False,
+              x_scale: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """x [M, K] fp16/bf16 (M <= GEMV_ROWS for speed; any M is correct) -> [M, N] in x's dtype (into out).
     bits 16: qweight is the dense weight [N, K] (scales None; group = the K tile). gated: qweight holds
-    [gate; up] (2N rows) and the result is silu(gate) * up [M, N]."""
+    [gate; up] (2N rows) and the result is silu(gate) * up [M, N]. row_scale: scales [rows] float32, one per
+    weight row (fp8 weights; group is then only the K tile); x_scale: x is e4m3 [M, K] with scales [M]
+    (quantize_rows), the result in out_dtype."""
     require_triton(triton, x, _wq_matmul_kernel)
     x = x.contiguous()
     M, K = x.shape
@@ -230,17 +271,56 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
     config = config or config_for(M, N * (2 if gated else 1), K, bits)
     n_tiles, m_tiles = triton.cdiv(N, config.block_n), triton.cdiv(M, block_m)
     split = split_for(config, n_tiles * m_tiles, n_groups, _sms(x.device))
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
+    out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device) if out is None else out
     part = torch.empty(split if split > 1 else 1, M, rows, dtype=torch.float32, device=x.device)
     locks = _locks(x.device, n_tiles * m_tiles)
     _wq_matmul_kernel[(n_tiles, split, m_tiles)](
-        x, qweight, qweight if scales is None else scales, x if pre_scale is None else pre_scale,
-        x if bias is None else bias, part, locks, out,
-        M, N, n_groups, x.stride(0), qweight.stride(0), 0 if scales is None else scales.stride(0), out.stride(0),
-        split, GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n,
-        HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        x, qweight, qweight if scales is None else scales, x if x_scale is None else x_scale,
+        x if pre_scale is None else pre_scale, x if bias is None else bias, part, locks, out,
+        M, N, n_groups, x.stride(0), qweight.stride(0), 0 if scales is None or row_scale else scales.stride(0),
+        out.stride(0), split, GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n,
+        HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated, ROW_SCALE=row_scale,
+        X_SCALE=x_scale is not None, num_warps=config.num_warps, num_stages=config.num_stages)
     return out
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, scale_ptr, q_ptr, s_out_ptr, K, stride_xm, stride_qm, STATIC: tl.constexpr,
+                          QMAX: tl.constexpr, AMAX_MIN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: its amax (dynamic) or the given scale (static), then q = x / scale in e4m3.
+    Scalars are kept as [1] tensors: div_rn (IEEE division, which the reference's torch division is; Triton's
+    `/` on float32 is approximate) takes tensors."""
+    row = tl.program_id(0)
+    one = tl.arange(0, 1)
+    if STATIC:
+        scale = tl.load(scale_ptr + one)
+    else:
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(xv))
+        peak = tl.maximum(tl.max(amax, 0), AMAX_MIN) + tl.zeros((1,), dtype=tl.float32)
+        scale = tl.math.div_rn(peak, tl.full((1,), QMAX, tl.float32))
+    tl.store(s_out_ptr + row + one, scale)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        xv = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(xv, scale + tl.zeros_like(xv)), -QMAX), QMAX)
+        tl.store(q_ptr + row * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
+
+
+def quantize_rows(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows_ref in one launch: x [M, K] -> (e4m3 [M, K], float32 scales [M]), bit-identical."""
+    require_triton(triton, x, _quantize_rows_kernel)
+    x = x.contiguous()
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=E4M3, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    _quantize_rows_kernel[(M,)](x, s if scale is None else scale.float(), q, s, K, x.stride(0), q.stride(0),
+                                STATIC=scale is not None, QMAX=E4M3_MAX, AMAX_MIN=AMAX_FLOOR,
+                                BLOCK_K=min(4096, triton.next_power_of_2(K)))
+    return q, s
 
 
 @triton.jit
@@ -261,7 +341,7 @@ def _dequantize_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride
     else:
         k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = mask_n[:, None] & (k < K)[None, :]
-        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask, other=0).to(tl.float32)
+        q = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(s_ptr + offs_n[:, None] * stride_sn + (k // GROUP)[None, :], mask=mask, other=0.0)
         tl.store(out_ptr + offs_n[:, None] * stride_on + k[None, :], (q * s.to(tl.float32)).to(dtype), mask=mask)
 

@@ -41,13 +41,22 @@ class TorchEngine(Engine):
     name = "torch"
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda"}),
-        weight_modes=frozenset({("auto", "none"), ("int4", "awq"), ("int4", "rtn")}),
+        weight_modes=frozenset({("auto", "none"), ("int4", "awq"), ("int4", "rtn"), ("fp8", "none")}),
+        fp8_activations=frozenset({("auto", "dynamic"), ("fp8", "dynamic"), ("fp8", "static")}),
         kv_dtypes=frozenset({"auto", "int8", "fp8", "int4"}),
         kv_scales=frozenset({("dynamic", "token"), ("static", "head"), ("static", "tensor")}),
         lm_heads=frozenset({"bf16", "int8", "int4"}),
         profilers=frozenset({"torch", "ncu", "nsys"}),
     )
     Options = TorchOptions
+
+    @classmethod
+    def check_supported(cls, spec) -> None:
+        super().check_supported(spec)
+        if spec.build.weights.dtype == "fp8":  # on a CPU the reference runs (a numerics-only run)
+            from kvexp.core.fp8 import check_device
+
+            check_device(spec.build.torch_device, f"quant={spec.cfg.quant.name}")
 
     @classmethod
     def attention_impl(cls, kv, device: torch.device, dtype: torch.dtype, options: TorchOptions) -> str:
@@ -114,6 +123,8 @@ class TorchEngine(Engine):
 
             self.model.lm_head = quantize_linear(self.model.lm_head, int(w.lm_head[3:]), w.group_size)
             metrics["quant.lm_head_bits"] = self.model.lm_head.bits
+        if w.dtype == "fp8":
+            return metrics | self._fp8_weights()
         if w.dtype != "int4":
             return metrics
         from kvexp.quant.weights import int4_weights, swap_int4
@@ -121,6 +132,18 @@ class TorchEngine(Engine):
         path, seconds = int4_weights(self.spec, self.model_dir, self._tokenizer, self.device)
         swapped = swap_int4(self.model, path, w.group_size, self.dtype, self.device)
         return metrics | {"quant.calib_s": seconds, "quant.int4_layers": swapped}
+
+    def _fp8_weights(self) -> dict:
+        from kvexp.core.fp8 import swap_fp8
+
+        w, scales, metrics = self.spec.build.weights, None, {}
+        if w.activations == "fp8" and w.act_scale == "static":
+            from kvexp.quant.weights import fp8_input_scales
+
+            scales, metrics["quant.calib_s"] = fp8_input_scales(self.spec, self.model_dir, self._tokenizer,
+                                                                self.device)
+        metrics["quant.fp8_layers"] = swap_fp8(self.model, w.activations == "fp8", scales)
+        return metrics
 
     def _decode_attention(self):
         """The fused Triton kernel where the BuildSpec chose it; None = the PyTorch reference path."""

@@ -33,6 +33,7 @@ class TrtllmEngine(Engine):
     capabilities: ClassVar[Capabilities] = Capabilities(
         devices=frozenset({"cuda"}),
         weight_modes=frozenset({("auto", "none"), ("int4", "awq"), ("fp8", "none")}),
+        fp8_activations=frozenset({("fp8", "dynamic"), ("fp8", "static")}),  # QuantAlgo.FP8: no weight-only fp8
         kv_dtypes=frozenset({"auto", "int8", "fp8"}),
         kv_scales=frozenset({("static", "tensor")}),  # one calibrated scale per KV tensor: checks.kv_scales_substituted
     )
