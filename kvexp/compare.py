@@ -33,6 +33,8 @@ SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # metrics), else its first by name. The others are in the HTML report.
 MAIN_METRICS = ("exact_match", "acc", "word_perplexity", "f1", "acc_norm")
 NOT_SIGNIFICANT = "n.s."
+EMULATED = "emulated"  # shown for the timings of a numerics-only run
+TIMED = "perf."
 
 
 def _bytes(v: float) -> str:
@@ -96,6 +98,7 @@ class Row:
     machine: tuple = ()  # (device name, library versions): the build environment its numbers belong to
     model_path: str = ""  # model.path as it ran ("" for runs logged before kvexp recorded it)
     dtype: str = ""  # the compute dtype it ran in (float32 on a CPU, whatever the preset's name says)
+    numerics_only: bool = False  # an emulated format (fp8 on a CPU): its numerics count, its timings do not
 
     @property
     def setting(self) -> tuple:
@@ -147,7 +150,8 @@ def to_row(run) -> Row:
                tags.get(TAG + "sweep_id", ""), dict(run.data.metrics),
                model_id=tags.get(TAG + "model_fingerprint", model),
                machine=(tags.get(TAG + "device", "?"), tags.get(TAG + "versions", "?")),
-               model_path=tags.get(TAG + "model_path", ""), dtype=tags.get(TAG + "dtype", ""))
+               model_path=tags.get(TAG + "model_path", ""), dtype=tags.get(TAG + "dtype", ""),
+               numerics_only=tags.get(TAG + "numerics_only") == "true")
 
 
 def _quoted(value: str) -> str:
@@ -272,6 +276,8 @@ def cell(col: Column, row: Row, base: Optional[Row]) -> str:
     value = row.metrics.get(col.metric)
     if value is None or math.isnan(value):
         return "-"
+    if row.numerics_only and col.metric.startswith(TIMED):
+        return EMULATED
     text = col.show(value)
     if col.metric.startswith("acc.") and (err := row.metrics.get(stderr_name(col.metric))) is not None:
         text += f"±{err:.2g}"
@@ -305,6 +311,9 @@ def tables(rows: list[Row], pool: list[Row], full: bool = True) -> tuple[list[Ta
              "library versions): ratio (x) for speed and memory, difference for accuracy and fidelity; "
              f"{NOT_SIGNIFICANT} = not significant: the two runs' timings overlap (min to max over the timed "
              "iterations)"]
+    if any(r.numerics_only for r in rows):
+        notes.append(f"{EMULATED}: the format is emulated on this machine (fp8 on a CPU): its accuracy and fidelity "
+                     "are those of the real format, its timings measure the emulation and are not shown")
     if acc and not full:
         notes.append("accuracy columns: " + ", ".join(f"{c.header} {c.metric.split('.', 2)[2]}" for c in acc)
                      + "; every metric is in the HTML report")

@@ -197,3 +197,15 @@ def test_capacity_columns_sit_beside_kv_bytes_per_token():
     at = tab.headers.index("KV/token")
     assert tab.headers[at:at + 3] == ["KV/token", "KV tokens", "max batch"]
     assert tab.cells[1][at:at + 3] == ["14.44 KiB (0.516x)", "4.654M (1.94x)", "144 (1.95x)"]
+
+
+def test_an_emulated_format_shows_its_fidelity_but_no_timings():
+    timed = spread(100.0, 95.0, 105.0) | {"fid.kl_mean": 0.0}
+    rows = [make_row("fp16", timed), make_row("fp8", spread(4.0, 3.9, 4.1) | {"fid.kl_mean": 0.03},
+                                              numerics_only=True)]
+    tables, notes = compare.tables(rows, rows)
+    tab = next(t for t in tables if "tok/s" in t.headers)
+    assert tab.cells[1][tab.headers.index("tok/s")] == compare.EMULATED
+    assert tab.cells[1][tab.headers.index("KL")] == "0.03 (+0.03)"
+    assert tab.cells[0][tab.headers.index("tok/s")] == "100"
+    assert any(n.startswith(compare.EMULATED + ":") for n in notes)
