@@ -79,7 +79,7 @@ def _inputs(B, hq, hkv, T, D, fmt, scales, dtype, seed=0, device=DEVICE):
 
 def _skip_bf16_on_cpu(dtype: torch.dtype, fmt: str, config: da.KernelConfig | None = None) -> None:
     """Skip where the interpreter would run a bfloat16 tl.dot (see the module docstring)."""
-    fast = fmt != "dense" and (config or da.default_config(fmt, 64)).fast_dequant
+    fast = fmt != "dense" and (config or da.default_config(fmt, 64)).dequant != "cvt"
     if dtype == torch.bfloat16 and not CUDA and not fast:
         pytest.skip("Triton's interpreter computes bf16 tl.dot on raw uint16 storage: checked on GPU")
 
@@ -159,13 +159,16 @@ def test_decode_attention_head_dims(kernels, fmt, scales, head_dim):
     assert _rel_err(out, decode_attention_ref(q, k, v, ks, vs, lengths, head_dim ** -0.5, fmt)) < 2e-3
 
 
-CONFIGS = [  # the tuner's block_n (and 16), both K loads; warps and stages are inert under the interpreter
-    da.KernelConfig(block_n=16, num_warps=1, num_stages=1, k_natural=True, norm_v_scale=False),
-    da.KernelConfig(block_n=32, num_warps=2, num_stages=2, k_natural=True),
-    da.KernelConfig(block_n=64, num_warps=8, num_stages=4, k_natural=False, norm_v_scale=False),
-    da.KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=True),
-    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, fast_dequant=False),
-    da.KernelConfig(block_n=32, num_warps=4, num_stages=3, k_natural=True, norm_v_scale=False, fast_dequant=False),
+CONFIGS = [  # the tuner's block_n (and 16), both K loads, every dequant mode; warps and stages are inert under the
+    # interpreter, which also runs no PTX: there the asm/mma modes compute the same values with Triton ops
+    da.KernelConfig(block_n=16, num_warps=1, num_stages=1, k_natural=True, norm_v_scale=False, dequant="asm"),
+    da.KernelConfig(block_n=32, num_warps=2, num_stages=2, k_natural=True, dequant="mma2"),
+    da.KernelConfig(block_n=64, num_warps=8, num_stages=4, k_natural=False, norm_v_scale=False, dequant="f16"),
+    da.KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=True, dequant="asm"),
+    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, dequant="cvt"),
+    da.KernelConfig(block_n=32, num_warps=4, num_stages=3, k_natural=True, norm_v_scale=False, dequant="cvt"),
+    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, dequant="mma"),
+    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, dequant="bits"),
 ]
 
 
@@ -182,8 +185,14 @@ def test_decode_attention_configs(kernels, dtype, fmt, scales, config):
         with pytest.raises(ValueError, match="int4.*block_n >= 32"):
             kernels.decode_attention(q, k, v, ks, vs, lengths, 0.125, fmt, 3, out=out, config=config)
         return
+    if fmt != "dense" and fmt not in da.DEQUANT_FORMATS[config.dequant]:
+        with pytest.raises(ValueError, match=f"dequant '{config.dequant}' serves"):
+            kernels.decode_attention(q, k, v, ks, vs, lengths, 0.125, fmt, 3, out=out, config=config)
+        return
     kernels.decode_attention(q, k, v, ks, vs, lengths, 0.125, fmt, 3, out=out, config=config)
-    assert _rel_err(out, decode_attention_ref(q, k, v, ks, vs, lengths, 0.125, fmt)) < ATTN_TOL[dtype]
+    # mma rounds the queries to int8 (8 bits): its own, looser bound
+    tol = 2e-2 if config.dequant == "mma" and fmt != "dense" else ATTN_TOL[dtype]
+    assert _rel_err(out, decode_attention_ref(q, k, v, ks, vs, lengths, 0.125, fmt)) < tol
 
 
 def test_kernel_config_rejects_bad_launches():

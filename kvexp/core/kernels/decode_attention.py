@@ -48,46 +48,52 @@ DEFAULT_MAX_SPLITS = 64
 MERGE_CHUNK = 16
 MIN_SPLIT_TOKENS = 256  # below this a slice's fixed cost (q load, partial store, merge) dominates its reads
 TUNED_HEAD_DIM = 64  # the head dim DEFAULT_CONFIGS are chosen at (Llama-3.2-1B's)
+# How quantized tiles reach the dots (KernelConfig.dequant):
+#   cvt  K and V converted to the queries' dtype by Triton's casts; dots in that dtype
+#   bits int4 only: float16 tiles from integer bit arithmetic (0x6400 | code) - 1032; float16 dots
+#   f16  int8/fp8: Triton's casts to float16; float16 dots, queries normalized per row
+#   asm  K and V converted to float16 by inline PTX, 2-4 values per instruction; float16 dots
+#   mma  int8/int4: QK^T on the int8 tensor cores (queries quantized per row to int8, K never converted),
+#        V as asm
+#   mma2 mma with the queries in two int8 digits (hi + lo / 254) and two dots: ~15 bits of q
+DEQUANT_MODES = {"cvt": 0, "bits": 1, "f16": 2, "asm": 3, "mma": 4, "mma2": 5}
+DEQUANT_FORMATS = {"cvt": ("dense", "int8", "fp8", "int4"), "bits": ("int4",), "f16": ("int8", "fp8"),
+                   "asm": ("int8", "fp8", "int4"), "mma": ("int8", "int4"), "mma2": ("int8", "int4")}
+# mma: queries are quantized per row to [-127, 127]; mma2: the rounding residual of that digit, in
+# [-0.5, 0.5], times 254 is the lo digit. (Literals in the kernels: Triton reads no plain globals.)
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """How stage 1 is launched. Every config computes the same attention; they differ in speed only
-    (and, for norm_v_scale, in fp16's rounding, which is why fp16 queries always normalize)."""
+    """How stage 1 is launched. Every config computes the same attention; they differ in speed and in
+    rounding only (float16 dots normalize the V scales whatever norm_v_scale says; mma rounds the queries
+    to int8)."""
     block_n: int  # keys per loop iteration: a power of two >= 16, tl.dot's smallest N
     num_warps: int
     num_stages: int  # cp.async buffers of K/V blocks in flight per program
     k_natural: bool  # load K as stored, [BLOCK_N, D], and transpose it as a dot operand (else a [D, BLOCK_N] load)
     norm_v_scale: bool = True  # scale p * s_v by its block max (needed by fp16 only; bf16 queries may skip it)
-    fast_dequant: bool = True  # quantized formats: float16 tiles from bit arithmetic, float16 dots (see _values)
+    dequant: str = "cvt"  # quantized formats: one of DEQUANT_MODES (dense always reads its tiles as they are)
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1) or self.num_warps not in (1, 2, 4, 8, 16) \
-                or self.num_stages < 1:
-            raise ValueError(f"need block_n a power of two >= 16, num_warps in 1..16 (a power of two) and "
-                             f"num_stages >= 1, got {self}")
+                or self.num_stages < 1 or self.dequant not in DEQUANT_MODES:
+            raise ValueError(f"need block_n a power of two >= 16, num_warps in 1..16 (a power of two), "
+                             f"num_stages >= 1 and dequant one of {tuple(DEQUANT_MODES)}, got {self}")
 
     def __str__(self) -> str:
         return (f"n{self.block_n}w{self.num_warps}s{self.num_stages}" + ("-knat" if self.k_natural else "")
-                + ("" if self.norm_v_scale else "-vraw") + ("" if self.fast_dequant else "-cvt"))
+                + ("" if self.norm_v_scale else "-vraw") + f"-{self.dequant}")
 
 
 # Per format at D = 64: ~8 KB of K (and of V) per block; with 3 cp.async buffers that keeps ~32 KB in
 # flight per program at <= ~130 registers and ~40 KB shared memory (ptxas, sm_90, triton 3.6).
 DEFAULT_CONFIGS: dict[str, KernelConfig] = {
     "dense": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False),
-    # tune_decode_attention on an H100 (B=1 and 8, T=32k): skipping the V-scale normalization (bf16 queries
-    # only; fp16 keeps it) was the one knob that paid, 6-7% at B=8; block/warps/stages/k_natural were noise.
-    # On an H200 (2026-12-02, B=8, T=32k, Llama-3.2-1B heads) the bit-arithmetic float16 tiles did not pay for
-    # 8-bit formats: int8 150.8 us at block_n 64 and 166 at 128 against 114.8 converting (Triton 3.6 already
-    # converts int8 with byte permutes, not I2F), fp8 169 against 133.9. For int4 they did: 201 against 214.
-    "int8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False,
-                         fast_dequant=False),
-    "fp8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False,
-                        fast_dequant=False),
-    "int4": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, fast_dequant=True),
+    "int8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, dequant="mma2"),
+    "fp8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, dequant="asm"),
+    "int4": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, dequant="asm"),
 }
-FP8_BITS_FACTOR = 256.0  # _values' fast e4m3 tiles hold the value times 2^-8
 
 
 @triton.jit
@@ -97,25 +103,104 @@ def _unpack_int4(x, ROWS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _values(x, FMT: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr):
-    """A loaded K or V tile (int8, fp8 as uint8 bits, int4 codes as uint8) -> DT, exactly.
+def _int8_to_f16_asm(x):
+    """int8 -> float16 (exact), 4 values in 5 instructions: x ^ 0x80 is the byte x + 128, placed under the
+    float16 exponent of 1024 (0x64) by prmt it reads 1024 + x + 128, and one sub.f16x2 of 1152 per 2 values."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 u, c;
+        xor.b32 u, $2, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, u, 0x64646464, 0x4140;
+        prmt.b32 $1, u, 0x64646464, 0x4342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""", "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
 
-    FAST builds float16 from bits with full-rate integer ops instead of I2F/F2F conversions (quarter rate
-    on Hopper, which bound the previous kernel): 0x6400 | u is the float16 1024 + u for u < 1024, so int8
-    x is (0x6480 + x) - 1152 and an int4 code c is (0x6400 | c) - 1032; e4m3 bits s.eeee.mmm placed at
-    float16's s.eeeee.mmm0000000 are the same value times 2^-8 (normals and subnormals alike), which
-    FP8_BITS_FACTOR undoes in the scales. One return statement: Triton's compiler type-checks every return,
-    even those under a constexpr branch not taken."""
+
+@triton.jit
+def _e4m3_to_f16_asm(x):
+    """float8_e4m3fn bits (uint8) -> float16 (exact), one cvt.rn.f16x2.e4m3x2 per 2 values (sm_89+)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b16 a0, a1;
+        mov.b32 {a0, a1}, $2;
+        cvt.rn.f16x2.e4m3x2 $0, a0;
+        cvt.rn.f16x2.e4m3x2 $1, a1;
+        }""", "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
+def _int4_halves_f16_asm(x):
+    """int4 bytes (low nibble: even element) -> (even, odd) float16 code - 8 (exact), 8 values in 10
+    instructions: lop3 puts a nibble under 0x6400 (1024 + c, or 1024 + 16 c for the high one), then one
+    sub.f16x2 of 1032 or one fma.f16x2 by 1/16 minus 72 per 2 values (the AWQ / FasterTransformer trick)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 x, y, c, s, t;
+        prmt.b32 x, $4, $4, 0x3120;
+        shr.b32 y, x, 8;
+        lop3.b32 $0, x, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $1, y, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $2, x, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 $3, y, 0x00F000F0, 0x64006400, 0xEA;
+        mov.b32 c, 0x64086408;
+        mov.b32 s, 0x2C002C00;
+        mov.b32 t, 0xD480D480;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        fma.rn.f16x2 $2, $2, s, t;
+        fma.rn.f16x2 $3, $3, s, t;
+        }""", "=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=False, pack=4)
+
+
+@triton.jit
+def _int4_halves_i8_asm(x):
+    """int4 bytes -> (even, odd) int8 codes 0..15, 4 bytes in 3 instructions."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t;
+        shr.b32 t, $2, 4;
+        and.b32 $0, $2, 0x0F0F0F0F;
+        and.b32 $1, t, 0x0F0F0F0F;
+        }""", "=r,=r,r", [x], dtype=(tl.int8, tl.int8), is_pure=False, pack=4)
+
+
+@triton.jit
+def _int4_halves(x, CODES: tl.constexpr, ASM: tl.constexpr):
+    """Packed int4 tile -> (even, odd) elements: int8 codes 0..15 (CODES) or float16 code - 8. Without ASM
+    (Triton's interpreter runs no PTX) the same values from Triton ops."""
+    if CODES:
+        if ASM:
+            lo, hi = _int4_halves_i8_asm(x)
+        else:
+            lo, hi = (x & 0xF).to(tl.int8), (x >> 4).to(tl.int8)
+    elif ASM:
+        lo, hi = _int4_halves_f16_asm(x)
+    else:
+        lo, hi = ((x & 0xF).to(tl.int32) - 8).to(tl.float16), ((x >> 4).to(tl.int32) - 8).to(tl.float16)
+    return lo, hi
+
+
+@triton.jit
+def _values(x, FMT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
+    """A loaded K or V tile (int8, fp8 - as uint8 bits under asm/mma -, int4 codes as uint8) -> its values,
+    exactly, in DT (cvt) or float16. One return statement: Triton's compiler type-checks every return, even
+    those under a constexpr branch not taken."""
     if FMT == 0:
         y = x
-    elif FAST:
-        b = x.to(tl.int32)
-        if FMT == 1:
-            y = (b + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
-        elif FMT == 2:
-            y = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+    elif MODE == 1:  # bits (int4 codes)
+        y = (x.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+    elif MODE >= 3:  # asm, mma (int8 / fp8 bits)
+        if ASM:
+            if FMT == 1:
+                y = _int8_to_f16_asm(x)
+            else:
+                y = _e4m3_to_f16_asm(x)
+        elif FMT == 1:
+            y = x.to(tl.float16)
         else:
-            y = (b | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+            y = x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif FMT == 3:
         y = (x.to(tl.int32) - 8).to(DT)
     else:
@@ -124,63 +209,131 @@ def _values(x, FMT: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(qv, k_base, v_base, k_scale, v_scale, scale_base, n, end, d, m, l, acc, row_scale,
-                  s_kt, s_vt, s_st, D: tl.constexpr, BLOCK_N: tl.constexpr, FMT: tl.constexpr,
-                  FAST: tl.constexpr, SCALES: tl.constexpr, K_NATURAL: tl.constexpr, NORM_V: tl.constexpr):
-    """One BLOCK_N slice of keys/values folded into the online softmax state (m, l, acc) of all rows.
-    qv [BLOCK_H, D] in the dot dtype; n [BLOCK_N] positions; d [D] (int4: [D/2] bytes); m, l [BLOCK_H] fp32
-    (base-2 max, sum); acc [BLOCK_H, D] fp32; row_scale [BLOCK_H] fp32 multiplies the raw scores."""
-    valid = n < end
-    if FMT == 3:  # packed rows are loaded as stored and unpacked to [BLOCK_N, D]
-        kb = _unpack_int4(tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
-        scores = tl.dot(qv, tl.trans(_values(kb, FMT, FAST, qv.dtype)))
-    elif K_NATURAL:  # the tile as stored (rows of D contiguous values), transposed as a dot operand
-        kb = tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-        scores = tl.dot(qv, tl.trans(_values(kb, FMT, FAST, qv.dtype)))
-    else:
-        kt = tl.load(k_base + n[None, :] * s_kt + d[:, None], mask=valid[None, :], other=0.0)  # [D, BLOCK_N]
-        scores = tl.dot(qv, _values(kt, FMT, FAST, qv.dtype))
-    scores = scores * row_scale[:, None]
+def _softmax_step(scores, valid, m, l, k_scale, scale_base, n, s_st, row_scale, SCALES: tl.constexpr):
+    """Raw scores [BLOCK_H, BLOCK_N] -> (p, alpha, m_new, l): scaled, masked, folded into the running max/sum."""
+    scores = scores.to(tl.float32) * row_scale[:, None]
     if SCALES == 1:
         scores = scores * tl.load(k_scale + scale_base + n * s_st, mask=valid, other=0.0).to(tl.float32)[None, :]
     scores = tl.where(valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m, tl.max(scores, 1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(scores - m_new[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    if FMT == 3:
-        vb = _unpack_int4(tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
-    else:
-        vb = tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-    vb = _values(vb, FMT, FAST, qv.dtype)
+    return p, alpha, m_new, l * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _pv(p, vb, v_scale, scale_base, n, valid, s_st, SCALES: tl.constexpr, NORM_V: tl.constexpr):
+    """p [BLOCK_H, BLOCK_N] fp32 @ vb [BLOCK_N, X] (values, dot dtype) with per-token V scales -> fp32."""
     if SCALES == 1:
         vs = tl.load(v_scale + scale_base + n * s_st, mask=valid, other=0.0).to(tl.float32)
         if NORM_V:
             # p * s_v goes through the dot in fp16, which would flush it to subnormals when V is small
             # (s_v ~ 1e-5), so the scales enter relative to their block max, which multiplies back in fp32.
             vs_max = tl.max(vs, 0)
-            pv = tl.dot((p * (vs / vs_max)[None, :]).to(qv.dtype), vb) * vs_max
+            pv = tl.dot((p * (vs / vs_max)[None, :]).to(vb.dtype), vb) * vs_max
         else:  # bf16 has fp32's exponent range: p * s_v rounds like p alone, with no block max to reduce
-            pv = tl.dot((p * vs[None, :]).to(qv.dtype), vb)
+            pv = tl.dot((p * vs[None, :]).to(vb.dtype), vb)
     else:
-        pv = tl.dot(p.to(qv.dtype), vb)
-    return m_new, l, acc * alpha[:, None] + pv
+        pv = tl.dot(p.to(vb.dtype), vb)
+    return pv
 
 
 @triton.jit
-def _load_query(q, b, s_qb, s_qh, heads, rows, d, qk_scale, G: tl.constexpr, FAST: tl.constexpr):
-    """The [BLOCK_H, D] query rows of one kv head in the dot dtype, and the [BLOCK_H] fp32 factor of their
-    raw scores. FAST: each row is divided by its max magnitude into float16 (the dot's dtype then; 11
-    significant bits, and no overflow for bf16 queries) and the max moves into the factor."""
-    qv = tl.load(q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=rows[:, None] < G, other=0.0)
-    if FAST:
-        amax = tl.max(tl.abs(qv.to(tl.float32)), 1)
-        amax = tl.where(amax > 0.0, amax, 1.0)
-        qv = (qv.to(tl.float32) / amax[:, None]).to(tl.float16)
-        row_scale = amax * qk_scale
+def _attend_block(qv, ql, k_base, v_base, k_scale, v_scale, scale_base, n, end, d, m, l, acc, row_scale,
+                  s_kt, s_vt, s_st, D: tl.constexpr, BLOCK_N: tl.constexpr, FMT: tl.constexpr,
+                  MODE: tl.constexpr, ASM: tl.constexpr, SCALES: tl.constexpr, K_NATURAL: tl.constexpr,
+                  NORM_V: tl.constexpr):
+    """One BLOCK_N slice of keys/values folded into the online softmax state (m, l, acc) of all rows.
+    qv [BLOCK_H, D] in the dot dtype (int8 under mma; ql its lo digit under mma2); n [BLOCK_N] positions; d [D] (int4: [D/2] bytes);
+    m, l [BLOCK_H] fp32 (base-2 max, sum); acc [BLOCK_H, D] fp32; row_scale [BLOCK_H] fp32 multiplies the
+    raw scores."""
+    valid = n < end
+    if FMT == 3:  # packed rows are loaded as stored and unpacked to [BLOCK_N, D]
+        kb = _unpack_int4(tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
+        scores = tl.dot(qv, tl.trans(_values(kb, FMT, MODE, ASM, qv.dtype)))
+    elif K_NATURAL:  # the tile as stored (rows of D contiguous values), transposed as a dot operand
+        kb = tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        kt = tl.trans(kb if MODE >= 4 else _values(kb, FMT, MODE, ASM, qv.dtype))
+        scores = tl.dot(qv, kt)
     else:
-        row_scale = tl.zeros([rows.shape[0]], tl.float32) + qk_scale
-    return qv, row_scale  # one return: see _values
+        kt = tl.load(k_base + n[None, :] * s_kt + d[:, None], mask=valid[None, :], other=0.0)  # [D, BLOCK_N]
+        kt = kt if MODE >= 4 else _values(kt, FMT, MODE, ASM, qv.dtype)
+        scores = tl.dot(qv, kt)
+    if MODE == 5:
+        scores = scores.to(tl.float32) + tl.dot(ql, kt).to(tl.float32) * (1.0 / 254.0)
+    p, alpha, m_new, l = _softmax_step(scores, valid, m, l, k_scale, scale_base, n, s_st, row_scale, SCALES)
+    if FMT == 3:
+        vb = _unpack_int4(tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
+    else:
+        vb = tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+    vb = _values(vb, FMT, MODE, ASM, tl.float16 if MODE >= 4 else qv.dtype)
+    return m_new, l, acc * alpha[:, None] + _pv(p, vb, v_scale, scale_base, n, valid, s_st, SCALES, NORM_V)
+
+
+@triton.jit
+def _attend_block_int4(qe, qo, qel, qol, q_code_sum, q_lo_sum, k_base, v_base, k_scale, v_scale, scale_base, n, end, dh, m, l,
+                       acc_e, acc_o, row_scale, s_kt, s_vt, s_st, MMA: tl.constexpr, LO_DIGIT: tl.constexpr,
+                       ASM: tl.constexpr,
+                       SCALES: tl.constexpr, K_NATURAL: tl.constexpr, NORM_V: tl.constexpr):
+    """_attend_block for int4 under asm/mma, with the head dim split into even and odd elements (the low and
+    high nibbles of each byte) so no tile is interleaved: q . k = qe . k_even + qo . k_odd, and the output's
+    even and odd elements accumulate apart (acc_e, acc_o [BLOCK_H, D/2]). dh [D/2] byte offsets. Under mma
+    the dots see int8 codes 0..15 and 8 * sum(q) (q_code_sum) is taken off after; mma2 adds the lo digits'
+    dots (qel, qol, q_lo_sum) over 254."""
+    valid = n < end
+    if K_NATURAL:
+        ke, ko = _int4_halves(tl.load(k_base + n[:, None] * s_kt + dh[None, :], mask=valid[:, None], other=0x88),
+                              MMA, ASM)
+        ke, ko = tl.trans(ke), tl.trans(ko)
+    else:
+        ke, ko = _int4_halves(tl.load(k_base + n[None, :] * s_kt + dh[:, None], mask=valid[None, :], other=0x88),
+                              MMA, ASM)
+    scores = tl.dot(qe, ke) + tl.dot(qo, ko)
+    if MMA:
+        scores = scores - 8 * q_code_sum[:, None]
+    if LO_DIGIT:
+        lo = tl.dot(qel, ke) + tl.dot(qol, ko) - 8 * q_lo_sum[:, None]
+        scores = scores.to(tl.float32) + lo.to(tl.float32) * (1.0 / 254.0)
+    p, alpha, m_new, l = _softmax_step(scores, valid, m, l, k_scale, scale_base, n, s_st, row_scale, SCALES)
+    ve, vo = _int4_halves(tl.load(v_base + n[:, None] * s_vt + dh[None, :], mask=valid[:, None], other=0x88),
+                          False, ASM)
+    acc_e = acc_e * alpha[:, None] + _pv(p, ve, v_scale, scale_base, n, valid, s_st, SCALES, NORM_V)
+    acc_o = acc_o * alpha[:, None] + _pv(p, vo, v_scale, scale_base, n, valid, s_st, SCALES, NORM_V)
+    return m_new, l, acc_e, acc_o
+
+
+@triton.jit
+def _query_rows(q, b, s_qb, s_qh, heads, rows, cols, G: tl.constexpr):
+    return tl.load(q + b * s_qb + heads[:, None] * s_qh + cols[None, :], mask=rows[:, None] < G, other=0.0)
+
+
+@triton.jit
+def _scaled_rows(x, amax, MMA: tl.constexpr):
+    """fp32 query rows over their max magnitude: float16 in [-1, 1], or int8 in [-127, 127] (MMA)."""
+    if MMA:
+        y = x * (127.0 / amax[:, None])
+        y = tl.where(y >= 0.0, y + 0.5, y - 0.5).to(tl.int8)
+    else:
+        y = (x / amax[:, None]).to(tl.float16)
+    return y
+
+
+@triton.jit
+def _lo_digit(x, amax, hi):
+    """mma2: the rounding residual of hi = _scaled_rows(x, amax, True), in [-0.5, 0.5], as an int8 digit."""
+    r = (x * (127.0 / amax[:, None]) - hi.to(tl.float32)) * 254.0
+    return tl.where(r >= 0.0, r + 0.5, r - 0.5).to(tl.int8)
+
+
+@triton.jit
+def _store_part(part_out, part_lse, b, heads, rows, split, cols, acc, m, l, s_pb, s_ph, s_ps, s_lb, s_lh,
+                G: tl.constexpr, STORE_LSE: tl.constexpr):
+    nonempty = l > 0.0
+    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    tl.store(part_out + b * s_pb + heads[:, None] * s_ph + split * s_ps + cols[None, :], out, mask=rows[:, None] < G)
+    if STORE_LSE:
+        lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
+        tl.store(part_lse + b * s_lb + heads * s_lh + split, lse, mask=rows < G)
 
 
 @triton.jit
@@ -188,11 +341,10 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
                   s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_sb, s_sh, s_st,
                   s_pb, s_ph, s_ps, s_lb, s_lh,
                   G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FMT: tl.constexpr, FAST: tl.constexpr, SCALES: tl.constexpr, K_NATURAL: tl.constexpr,
-                  NORM_V: tl.constexpr, VALUE_FACTOR: tl.constexpr):
+                  FMT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, SCALES: tl.constexpr,
+                  K_NATURAL: tl.constexpr, NORM_V: tl.constexpr):
     """Stage 1, grid (B, Hkv, num_splits): normalized partial output [G, D] and base-2 lse [G] of one
-    slice for the G query heads of one kv head. An empty slice stores lse = -inf and zeros.
-    VALUE_FACTOR: what _values' K and V tiles must be multiplied by (2^8 for FAST fp8, else 1)."""
+    slice for the G query heads of one kv head. An empty slice stores lse = -inf and zeros."""
     b = tl.program_id(0).to(tl.int64)  # int64: cache offsets pass 2^31 at long context
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -203,28 +355,63 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
 
     rows = tl.arange(0, BLOCK_H)
     heads = kvh * G + rows
-    d = tl.arange(0, D)
-    qv, row_scale = _load_query(q, b, s_qb, s_qh, heads, rows, d, qk_scale * VALUE_FACTOR, G, FAST)
     scale_base = b * s_sb + kvh * s_sh  # static scales come with s_sb = s_st = 0
-    if SCALES == 2:
-        row_scale = row_scale * tl.load(k_scale + scale_base)
+    k_base, v_base = k + b * s_kb + kvh * s_kh, v + b * s_vb + kvh * s_vh
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, D], tl.float32)
-    dk = tl.arange(0, D // 2) if FMT == 3 else d
-    for n0 in range(start, end, BLOCK_N):
-        m, l, acc = _attend_block(qv, k + b * s_kb + kvh * s_kh, v + b * s_vb + kvh * s_vh, k_scale, v_scale,
-                                  scale_base, n0 + tl.arange(0, BLOCK_N), end, dk, m, l, acc, row_scale,
-                                  s_kt, s_vt, s_st, D, BLOCK_N, FMT, FAST, SCALES, K_NATURAL, NORM_V)
-    acc = acc * VALUE_FACTOR
-    if SCALES == 2:
-        acc = acc * tl.load(v_scale + scale_base)
-
-    nonempty = l > 0.0
-    out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
-    tl.store(part_out + b * s_pb + heads[:, None] * s_ph + split * s_ps + d[None, :], out, mask=rows[:, None] < G)
-    tl.store(part_lse + b * s_lb + heads * s_lh + split, lse, mask=rows < G)
+    if FMT == 3 and MODE >= 3:  # int4 under asm/mma: the head dim in even and odd halves
+        dh = tl.arange(0, D // 2)
+        qe = _query_rows(q, b, s_qb, s_qh, heads, rows, 2 * dh, G).to(tl.float32)
+        qo = _query_rows(q, b, s_qb, s_qh, heads, rows, 2 * dh + 1, G).to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(qe), 1), tl.max(tl.abs(qo), 1))
+        amax = tl.where(amax > 0.0, amax, 1.0)
+        he, ho = _scaled_rows(qe, amax, MODE >= 4), _scaled_rows(qo, amax, MODE >= 4)
+        qel, qol = he, ho
+        if MODE == 5:
+            qel, qol = _lo_digit(qe, amax, he), _lo_digit(qo, amax, ho)
+        qe, qo = he, ho
+        row_scale = amax * (qk_scale / 127.0 if MODE >= 4 else qk_scale)
+        q_code_sum = tl.sum(qe.to(tl.int32), 1) + tl.sum(qo.to(tl.int32), 1)
+        q_lo_sum = tl.sum(qel.to(tl.int32), 1) + tl.sum(qol.to(tl.int32), 1)
+        if SCALES == 2:
+            row_scale = row_scale * tl.load(k_scale + scale_base)
+        acc_e = tl.zeros([BLOCK_H, D // 2], tl.float32)
+        acc_o = tl.zeros([BLOCK_H, D // 2], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            m, l, acc_e, acc_o = _attend_block_int4(
+                qe, qo, qel, qol, q_code_sum, q_lo_sum, k_base, v_base, k_scale, v_scale, scale_base,
+                n0 + tl.arange(0, BLOCK_N), end, dh, m, l, acc_e, acc_o, row_scale, s_kt, s_vt, s_st, MODE >= 4,
+                MODE == 5, ASM, SCALES, K_NATURAL, NORM_V)
+        if SCALES == 2:
+            acc_e, acc_o = acc_e * tl.load(v_scale + scale_base), acc_o * tl.load(v_scale + scale_base)
+        _store_part(part_out, part_lse, b, heads, rows, split, 2 * dh, acc_e, m, l, s_pb, s_ph, s_ps, s_lb, s_lh,
+                    G, True)
+        _store_part(part_out, part_lse, b, heads, rows, split, 2 * dh + 1, acc_o, m, l, s_pb, s_ph, s_ps, s_lb,
+                    s_lh, G, False)
+    else:
+        d = tl.arange(0, D)
+        qv = _query_rows(q, b, s_qb, s_qh, heads, rows, d, G)
+        if MODE >= 1 and FMT != 0:  # float16 or int8 dots: rows over their max magnitude
+            qf = qv.to(tl.float32)
+            amax = tl.max(tl.abs(qf), 1)
+            amax = tl.where(amax > 0.0, amax, 1.0)
+            qv = _scaled_rows(qf, amax, MODE >= 4)
+            ql = _lo_digit(qf, amax, qv) if MODE == 5 else qv
+            row_scale = amax * (qk_scale / 127.0 if MODE >= 4 else qk_scale)
+        else:
+            ql = qv
+            row_scale = tl.zeros([BLOCK_H], tl.float32) + qk_scale
+        if SCALES == 2:
+            row_scale = row_scale * tl.load(k_scale + scale_base)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        dk = tl.arange(0, D // 2) if FMT == 3 else d
+        for n0 in range(start, end, BLOCK_N):
+            m, l, acc = _attend_block(qv, ql, k_base, v_base, k_scale, v_scale, scale_base, n0 + tl.arange(0, BLOCK_N),
+                                      end, dk, m, l, acc, row_scale, s_kt, s_vt, s_st, D, BLOCK_N, FMT, MODE, ASM,
+                                      SCALES, K_NATURAL, NORM_V)
+        if SCALES == 2:
+            acc = acc * tl.load(v_scale + scale_base)
+        _store_part(part_out, part_lse, b, heads, rows, split, d, acc, m, l, s_pb, s_ph, s_ps, s_lb, s_lh, G, True)
 
 
 @triton.jit
@@ -336,17 +523,21 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale:
         # measured wrong on an H200 (relative error 1.5 at block_n 16 with 1 warp, tests/test_kernels.py,
         # 2026-12-02) while the interpreter passes: refused until the cause is found on a GPU
         raise ValueError(f"fmt 'int4' needs block_n >= 32 and num_warps >= 2, got {config}")
-    fast = config.fast_dequant and fmt != "dense"
-    if fmt == "fp8":  # e4m3 bits as bytes: the fast path reads them as integers
-        k, v = (k.view(torch.uint8), v.view(torch.uint8)) if fast else (k, v)
+    dequant = "cvt" if fmt == "dense" else config.dequant
+    if fmt not in DEQUANT_FORMATS[dequant]:
+        raise ValueError(f"dequant {dequant!r} serves {DEQUANT_FORMATS[dequant]}, not fmt {fmt!r}")
+    ptx = dequant in ("asm", "mma", "mma2")
+    if fmt == "fp8" and ptx:  # the PTX conversions read e4m3 bits as bytes
+        k, v = k.view(torch.uint8), v.view(torch.uint8)
     _split_kernel[(B, hkv, splits)](
         q, k, v, k_scale, v_scale, lengths, part_out, part_lse, sm_scale * math.log2(math.e), splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *scale_strides(mode, k_scale), *part_out.stride()[:3], *part_lse.stride()[:2],
         G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=D,
-        BLOCK_N=config.block_n, FMT=FMT_CODES[fmt], FAST=fast, SCALES=mode, K_NATURAL=config.k_natural,
-        NORM_V=config.norm_v_scale or fast or q.dtype == torch.float16,
-        VALUE_FACTOR=FP8_BITS_FACTOR if fast and fmt == "fp8" else 1.0,
+        BLOCK_N=config.block_n, FMT=FMT_CODES[fmt], MODE=DEQUANT_MODES[dequant],
+        ASM=ptx and type(_split_kernel).__name__ != "InterpretedFunction",  # the interpreter runs no PTX
+        SCALES=mode, K_NATURAL=config.k_natural,
+        NORM_V=config.norm_v_scale or q.dtype == torch.float16 or dequant != "cvt",
         num_warps=config.num_warps, num_stages=config.num_stages)
     _merge_kernel[(B, hq)](
         part_out, part_lse, out, splits, *part_out.stride()[:3], *part_lse.stride()[:2],
