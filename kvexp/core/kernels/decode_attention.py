@@ -12,11 +12,10 @@ sm_scale and the probabilities are multiplied by s_v[t] before the P @ V dot (in
 exact in fp16/bf16, so the dots see exact inputs). Static per-head scales fold into sm_scale and the
 output. Softmax runs in base 2 (exp2) with sm_scale * log2(e) folded in; accumulation is fp32.
 
-Quantized tiles can become float16 through bit arithmetic (KernelConfig.fast_dequant, see _values) instead
-of int->float conversions, which issue at a quarter of the FP32 rate on Hopper; the dots then run in
-float16, queries normalized per row so bf16 queries neither overflow nor lose bits. Measured on an H200,
-that pays for int4 (its nibbles need unpacking either way) and not for int8/fp8 (DEFAULT_CONFIGS says by
-how much), so each format's default config picks its path.
+Quantized tiles reach the dots either through Triton's casts to the queries' dtype or through inline PTX
+that builds float16 from the bits (KernelConfig.dequant, DEQUANT_MODES says what each costs where); the
+float16 dots then see queries normalized per row, so bf16 queries neither overflow nor lose bits. Each
+format's default config picks the mode measured faster at its head dim.
 
 Stage 1's launch is a KernelConfig; DEFAULT_CONFIGS holds one per format, and
 kvexp.bench.kernels.tune_decode_attention measures the alternatives on the GPU at hand.
@@ -49,25 +48,26 @@ MERGE_CHUNK = 16
 MIN_SPLIT_TOKENS = 256  # below this a slice's fixed cost (q load, partial store, merge) dominates its reads
 TUNED_HEAD_DIM = 64  # the head dim DEFAULT_CONFIGS are chosen at (Llama-3.2-1B's)
 # How quantized tiles reach the dots (KernelConfig.dequant):
-#   cvt  K and V converted to the queries' dtype by Triton's casts; dots in that dtype
-#   bits int4 only: float16 tiles from integer bit arithmetic (0x6400 | code) - 1032; float16 dots
-#   f16  int8/fp8: Triton's casts to float16; float16 dots, queries normalized per row
-#   asm  K and V converted to float16 by inline PTX, 2-4 values per instruction; float16 dots
-#   mma  int8/int4: QK^T on the int8 tensor cores (queries quantized per row to int8, K never converted),
-#        V as asm
-#   mma2 mma with the queries in two int8 digits (hi + lo / 254) and two dots: ~15 bits of q
-DEQUANT_MODES = {"cvt": 0, "bits": 1, "f16": 2, "asm": 3, "mma": 4, "mma2": 5}
-DEQUANT_FORMATS = {"cvt": ("dense", "int8", "fp8", "int4"), "bits": ("int4",), "f16": ("int8", "fp8"),
-                   "asm": ("int8", "fp8", "int4"), "mma": ("int8", "int4"), "mma2": ("int8", "int4")}
-# mma: queries are quantized per row to [-127, 127]; mma2: the rounding residual of that digit, in
-# [-0.5, 0.5], times 254 is the lo digit. (Literals in the kernels: Triton reads no plain globals.)
+#   cvt  K and V converted to the queries' dtype by Triton's casts (int8: byte permutes and HADD2 already);
+#        dots in that dtype
+#   asm  K and V converted to float16 by inline PTX (_int8_to_f16_asm, _e4m3_to_f16_asm,
+#        _int4_halves_f16_asm); float16 dots, queries normalized per row
+# The PTX is marked impure on purpose: Triton then converts the tile where it was loaded and hands the
+# float16 tile to the dot through shared memory (ldmatrix), instead of hoisting the conversion into the
+# dot's operand layout, where 8-bit tiles are read from shared memory a byte pair at a time (ptxas, sm_90,
+# triton 3.6, int8 at block_n 128: the loop fell from 931 to 686 instructions and 128 to 108 registers).
+# Measured on an H100 (docs/benchmarks.md, 2026-12-02) against SDPA bf16 at B=8, T=32k: fp8 asm 1.47x at
+# D 64 (cvt 1.34x) but 1.24x at D 128 (cvt 1.30x); int8 cvt 1.53x / 1.48x (asm 1.47x / 0.90x); int4 asm at
+# block_n 128 1.37x / 1.33x (the previous bit-arithmetic path 0.92x / 0.97x). int8 QK^T on the int8 tensor
+# cores (queries in one or two int8 digits) measured 1.59x / 1.05x and was dropped.
+DEQUANT_MODES = {"cvt": 0, "asm": 1}
+WIDE_HEAD_DEQUANT = {"fp8": "cvt"}  # default_config's dequant at head_dim >= 2 * TUNED_HEAD_DIM (see above)
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
     """How stage 1 is launched. Every config computes the same attention; they differ in speed and in
-    rounding only (float16 dots normalize the V scales whatever norm_v_scale says; mma rounds the queries
-    to int8)."""
+    rounding only (float16 dots normalize the V scales whatever norm_v_scale says)."""
     block_n: int  # keys per loop iteration: a power of two >= 16, tl.dot's smallest N
     num_warps: int
     num_stages: int  # cp.async buffers of K/V blocks in flight per program
@@ -86,13 +86,16 @@ class KernelConfig:
                 + ("" if self.norm_v_scale else "-vraw") + f"-{self.dequant}")
 
 
-# Per format at D = 64: ~8 KB of K (and of V) per block; with 3 cp.async buffers that keeps ~32 KB in
-# flight per program at <= ~130 registers and ~40 KB shared memory (ptxas, sm_90, triton 3.6).
+# Per format at D = 64: 8-16 KB of K (and of V) per block; with 3 cp.async buffers that is <= 55 KB of
+# shared memory and <= 128 registers per program, 4 programs per SM (ptxas, sm_90, triton 3.6).
+# block_n, warps, stages and k_natural: the H100 sweep above measured 64 vs 128 and 4 vs 8 warps (128 and 4
+# won by 10-60%), k_natural and 2x splits as noise or worse. An earlier H100 tuning (B=1 and 8, T=32k) found
+# skipping the V-scale normalization (bf16 queries only) worth 6-7% at B=8 on the bf16 dots of cvt.
 DEFAULT_CONFIGS: dict[str, KernelConfig] = {
     "dense": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False),
-    "int8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, dequant="mma2"),
-    "fp8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, dequant="asm"),
-    "int4": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, dequant="asm"),
+    "int8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False),
+    "fp8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False, dequant="asm"),
+    "int4": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, dequant="asm"),
 }
 
 
@@ -115,7 +118,7 @@ def _int8_to_f16_asm(x):
         prmt.b32 $1, u, 0x64646464, 0x4342;
         sub.f16x2 $0, $0, c;
         sub.f16x2 $1, $1, c;
-        }""", "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+        }""", "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)  # impure: see DEQUANT_MODES
 
 
 @triton.jit
@@ -155,27 +158,10 @@ def _int4_halves_f16_asm(x):
 
 
 @triton.jit
-def _int4_halves_i8_asm(x):
-    """int4 bytes -> (even, odd) int8 codes 0..15, 4 bytes in 3 instructions."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 t;
-        shr.b32 t, $2, 4;
-        and.b32 $0, $2, 0x0F0F0F0F;
-        and.b32 $1, t, 0x0F0F0F0F;
-        }""", "=r,=r,r", [x], dtype=(tl.int8, tl.int8), is_pure=False, pack=4)
-
-
-@triton.jit
-def _int4_halves(x, CODES: tl.constexpr, ASM: tl.constexpr):
-    """Packed int4 tile -> (even, odd) elements: int8 codes 0..15 (CODES) or float16 code - 8. Without ASM
-    (Triton's interpreter runs no PTX) the same values from Triton ops."""
-    if CODES:
-        if ASM:
-            lo, hi = _int4_halves_i8_asm(x)
-        else:
-            lo, hi = (x & 0xF).to(tl.int8), (x >> 4).to(tl.int8)
-    elif ASM:
+def _int4_halves(x, ASM: tl.constexpr):
+    """Packed int4 tile -> (even, odd) elements as float16 code - 8. Without ASM (Triton's interpreter runs
+    no PTX) the same values from Triton ops."""
+    if ASM:
         lo, hi = _int4_halves_f16_asm(x)
     else:
         lo, hi = ((x & 0xF).to(tl.int32) - 8).to(tl.float16), ((x >> 4).to(tl.int32) - 8).to(tl.float16)
@@ -184,14 +170,12 @@ def _int4_halves(x, CODES: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _values(x, FMT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
-    """A loaded K or V tile (int8, fp8 - as uint8 bits under asm/mma -, int4 codes as uint8) -> its values,
-    exactly, in DT (cvt) or float16. One return statement: Triton's compiler type-checks every return, even
-    those under a constexpr branch not taken."""
+    """A loaded K or V tile (int8, fp8 - as uint8 bits under asm -, int4 codes as uint8) -> its values,
+    exactly, in DT (cvt) or float16 (asm; without ASM, the interpreter's, from Triton casts). One return
+    statement: Triton's compiler type-checks every return, even those under a constexpr branch not taken."""
     if FMT == 0:
         y = x
-    elif MODE == 1:  # bits (int4 codes)
-        y = (x.to(tl.int32) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
-    elif MODE >= 3:  # asm, mma (int8 / fp8 bits)
+    elif MODE == 1:
         if ASM:
             if FMT == 1:
                 y = _int8_to_f16_asm(x)
@@ -211,7 +195,7 @@ def _values(x, FMT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, DT: tl.
 @triton.jit
 def _softmax_step(scores, valid, m, l, k_scale, scale_base, n, s_st, row_scale, SCALES: tl.constexpr):
     """Raw scores [BLOCK_H, BLOCK_N] -> (p, alpha, m_new, l): scaled, masked, folded into the running max/sum."""
-    scores = scores.to(tl.float32) * row_scale[:, None]
+    scores = scores * row_scale[:, None]
     if SCALES == 1:
         scores = scores * tl.load(k_scale + scale_base + n * s_st, mask=valid, other=0.0).to(tl.float32)[None, :]
     scores = tl.where(valid[None, :], scores, float("-inf"))
@@ -239,64 +223,50 @@ def _pv(p, vb, v_scale, scale_base, n, valid, s_st, SCALES: tl.constexpr, NORM_V
 
 
 @triton.jit
-def _attend_block(qv, ql, k_base, v_base, k_scale, v_scale, scale_base, n, end, d, m, l, acc, row_scale,
+def _attend_block(qv, k_base, v_base, k_scale, v_scale, scale_base, n, end, d, m, l, acc, row_scale,
                   s_kt, s_vt, s_st, D: tl.constexpr, BLOCK_N: tl.constexpr, FMT: tl.constexpr,
                   MODE: tl.constexpr, ASM: tl.constexpr, SCALES: tl.constexpr, K_NATURAL: tl.constexpr,
                   NORM_V: tl.constexpr):
     """One BLOCK_N slice of keys/values folded into the online softmax state (m, l, acc) of all rows.
-    qv [BLOCK_H, D] in the dot dtype (int8 under mma; ql its lo digit under mma2); n [BLOCK_N] positions; d [D] (int4: [D/2] bytes);
-    m, l [BLOCK_H] fp32 (base-2 max, sum); acc [BLOCK_H, D] fp32; row_scale [BLOCK_H] fp32 multiplies the
-    raw scores."""
+    qv [BLOCK_H, D] in the dot dtype; n [BLOCK_N] positions; d [D] (int4: [D/2] bytes); m, l [BLOCK_H] fp32
+    (base-2 max, sum); acc [BLOCK_H, D] fp32; row_scale [BLOCK_H] fp32 multiplies the raw scores."""
     valid = n < end
     if FMT == 3:  # packed rows are loaded as stored and unpacked to [BLOCK_N, D]
         kb = _unpack_int4(tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
         scores = tl.dot(qv, tl.trans(_values(kb, FMT, MODE, ASM, qv.dtype)))
     elif K_NATURAL:  # the tile as stored (rows of D contiguous values), transposed as a dot operand
         kb = tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-        kt = tl.trans(kb if MODE >= 4 else _values(kb, FMT, MODE, ASM, qv.dtype))
-        scores = tl.dot(qv, kt)
+        scores = tl.dot(qv, tl.trans(_values(kb, FMT, MODE, ASM, qv.dtype)))
     else:
         kt = tl.load(k_base + n[None, :] * s_kt + d[:, None], mask=valid[None, :], other=0.0)  # [D, BLOCK_N]
-        kt = kt if MODE >= 4 else _values(kt, FMT, MODE, ASM, qv.dtype)
-        scores = tl.dot(qv, kt)
-    if MODE == 5:
-        scores = scores.to(tl.float32) + tl.dot(ql, kt).to(tl.float32) * (1.0 / 254.0)
+        scores = tl.dot(qv, _values(kt, FMT, MODE, ASM, qv.dtype))
     p, alpha, m_new, l = _softmax_step(scores, valid, m, l, k_scale, scale_base, n, s_st, row_scale, SCALES)
     if FMT == 3:
         vb = _unpack_int4(tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
     else:
         vb = tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-    vb = _values(vb, FMT, MODE, ASM, tl.float16 if MODE >= 4 else qv.dtype)
+    vb = _values(vb, FMT, MODE, ASM, qv.dtype)
     return m_new, l, acc * alpha[:, None] + _pv(p, vb, v_scale, scale_base, n, valid, s_st, SCALES, NORM_V)
 
 
 @triton.jit
-def _attend_block_int4(qe, qo, qel, qol, q_code_sum, q_lo_sum, k_base, v_base, k_scale, v_scale, scale_base, n, end, dh, m, l,
-                       acc_e, acc_o, row_scale, s_kt, s_vt, s_st, MMA: tl.constexpr, LO_DIGIT: tl.constexpr,
-                       ASM: tl.constexpr,
-                       SCALES: tl.constexpr, K_NATURAL: tl.constexpr, NORM_V: tl.constexpr):
-    """_attend_block for int4 under asm/mma, with the head dim split into even and odd elements (the low and
+def _attend_block_int4(qe, qo, k_base, v_base, k_scale, v_scale, scale_base, n, end, dh, m, l, acc_e, acc_o,
+                       row_scale, s_kt, s_vt, s_st, ASM: tl.constexpr, SCALES: tl.constexpr,
+                       K_NATURAL: tl.constexpr, NORM_V: tl.constexpr):
+    """_attend_block for int4 under asm, with the head dim split into even and odd elements (the low and
     high nibbles of each byte) so no tile is interleaved: q . k = qe . k_even + qo . k_odd, and the output's
-    even and odd elements accumulate apart (acc_e, acc_o [BLOCK_H, D/2]). dh [D/2] byte offsets. Under mma
-    the dots see int8 codes 0..15 and 8 * sum(q) (q_code_sum) is taken off after; mma2 adds the lo digits'
-    dots (qel, qol, q_lo_sum) over 254."""
+    even and odd elements accumulate apart (acc_e, acc_o [BLOCK_H, D/2]). dh [D/2] byte offsets."""
     valid = n < end
     if K_NATURAL:
         ke, ko = _int4_halves(tl.load(k_base + n[:, None] * s_kt + dh[None, :], mask=valid[:, None], other=0x88),
-                              MMA, ASM)
+                              ASM)
         ke, ko = tl.trans(ke), tl.trans(ko)
     else:
         ke, ko = _int4_halves(tl.load(k_base + n[None, :] * s_kt + dh[:, None], mask=valid[None, :], other=0x88),
-                              MMA, ASM)
+                              ASM)
     scores = tl.dot(qe, ke) + tl.dot(qo, ko)
-    if MMA:
-        scores = scores - 8 * q_code_sum[:, None]
-    if LO_DIGIT:
-        lo = tl.dot(qel, ke) + tl.dot(qol, ko) - 8 * q_lo_sum[:, None]
-        scores = scores.to(tl.float32) + lo.to(tl.float32) * (1.0 / 254.0)
     p, alpha, m_new, l = _softmax_step(scores, valid, m, l, k_scale, scale_base, n, s_st, row_scale, SCALES)
-    ve, vo = _int4_halves(tl.load(v_base + n[:, None] * s_vt + dh[None, :], mask=valid[:, None], other=0x88),
-                          False, ASM)
+    ve, vo = _int4_halves(tl.load(v_base + n[:, None] * s_vt + dh[None, :], mask=valid[:, None], other=0x88), ASM)
     acc_e = acc_e * alpha[:, None] + _pv(p, ve, v_scale, scale_base, n, valid, s_st, SCALES, NORM_V)
     acc_o = acc_o * alpha[:, None] + _pv(p, vo, v_scale, scale_base, n, valid, s_st, SCALES, NORM_V)
     return m_new, l, acc_e, acc_o
@@ -308,21 +278,10 @@ def _query_rows(q, b, s_qb, s_qh, heads, rows, cols, G: tl.constexpr):
 
 
 @triton.jit
-def _scaled_rows(x, amax, MMA: tl.constexpr):
-    """fp32 query rows over their max magnitude: float16 in [-1, 1], or int8 in [-127, 127] (MMA)."""
-    if MMA:
-        y = x * (127.0 / amax[:, None])
-        y = tl.where(y >= 0.0, y + 0.5, y - 0.5).to(tl.int8)
-    else:
-        y = (x / amax[:, None]).to(tl.float16)
-    return y
-
-
-@triton.jit
-def _lo_digit(x, amax, hi):
-    """mma2: the rounding residual of hi = _scaled_rows(x, amax, True), in [-0.5, 0.5], as an int8 digit."""
-    r = (x * (127.0 / amax[:, None]) - hi.to(tl.float32)) * 254.0
-    return tl.where(r >= 0.0, r + 0.5, r - 0.5).to(tl.int8)
+def _row_amax(x):
+    """Max magnitude of each fp32 row (1 for an all-zero row, a padding row among them)."""
+    amax = tl.max(tl.abs(x), 1)
+    return tl.where(amax > 0.0, amax, 1.0)
 
 
 @triton.jit
@@ -344,7 +303,9 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
                   FMT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, SCALES: tl.constexpr,
                   K_NATURAL: tl.constexpr, NORM_V: tl.constexpr):
     """Stage 1, grid (B, Hkv, num_splits): normalized partial output [G, D] and base-2 lse [G] of one
-    slice for the G query heads of one kv head. An empty slice stores lse = -inf and zeros."""
+    slice for the G query heads of one kv head. An empty slice stores lse = -inf and zeros. Under asm
+    (MODE 1) the dots are float16: each query row is divided by its max magnitude (11 significant bits,
+    and no overflow for bf16 queries) and the max moves into the scores' row factor."""
     b = tl.program_id(0).to(tl.int64)  # int64: cache offsets pass 2^31 at long context
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -359,29 +320,21 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
     k_base, v_base = k + b * s_kb + kvh * s_kh, v + b * s_vb + kvh * s_vh
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
-    if FMT == 3 and MODE >= 3:  # int4 under asm/mma: the head dim in even and odd halves
+    if FMT == 3 and MODE == 1:  # int4 under asm: the head dim in even and odd halves
         dh = tl.arange(0, D // 2)
         qe = _query_rows(q, b, s_qb, s_qh, heads, rows, 2 * dh, G).to(tl.float32)
         qo = _query_rows(q, b, s_qb, s_qh, heads, rows, 2 * dh + 1, G).to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(qe), 1), tl.max(tl.abs(qo), 1))
-        amax = tl.where(amax > 0.0, amax, 1.0)
-        he, ho = _scaled_rows(qe, amax, MODE >= 4), _scaled_rows(qo, amax, MODE >= 4)
-        qel, qol = he, ho
-        if MODE == 5:
-            qel, qol = _lo_digit(qe, amax, he), _lo_digit(qo, amax, ho)
-        qe, qo = he, ho
-        row_scale = amax * (qk_scale / 127.0 if MODE >= 4 else qk_scale)
-        q_code_sum = tl.sum(qe.to(tl.int32), 1) + tl.sum(qo.to(tl.int32), 1)
-        q_lo_sum = tl.sum(qel.to(tl.int32), 1) + tl.sum(qol.to(tl.int32), 1)
+        amax = tl.maximum(_row_amax(qe), _row_amax(qo))
+        qe, qo = (qe / amax[:, None]).to(tl.float16), (qo / amax[:, None]).to(tl.float16)
+        row_scale = amax * qk_scale
         if SCALES == 2:
             row_scale = row_scale * tl.load(k_scale + scale_base)
         acc_e = tl.zeros([BLOCK_H, D // 2], tl.float32)
         acc_o = tl.zeros([BLOCK_H, D // 2], tl.float32)
         for n0 in range(start, end, BLOCK_N):
             m, l, acc_e, acc_o = _attend_block_int4(
-                qe, qo, qel, qol, q_code_sum, q_lo_sum, k_base, v_base, k_scale, v_scale, scale_base,
-                n0 + tl.arange(0, BLOCK_N), end, dh, m, l, acc_e, acc_o, row_scale, s_kt, s_vt, s_st, MODE >= 4,
-                MODE == 5, ASM, SCALES, K_NATURAL, NORM_V)
+                qe, qo, k_base, v_base, k_scale, v_scale, scale_base, n0 + tl.arange(0, BLOCK_N), end, dh, m, l,
+                acc_e, acc_o, row_scale, s_kt, s_vt, s_st, ASM, SCALES, K_NATURAL, NORM_V)
         if SCALES == 2:
             acc_e, acc_o = acc_e * tl.load(v_scale + scale_base), acc_o * tl.load(v_scale + scale_base)
         _store_part(part_out, part_lse, b, heads, rows, split, 2 * dh, acc_e, m, l, s_pb, s_ph, s_ps, s_lb, s_lh,
@@ -391,22 +344,18 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
     else:
         d = tl.arange(0, D)
         qv = _query_rows(q, b, s_qb, s_qh, heads, rows, d, G)
-        if MODE >= 1 and FMT != 0:  # float16 or int8 dots: rows over their max magnitude
-            qf = qv.to(tl.float32)
-            amax = tl.max(tl.abs(qf), 1)
-            amax = tl.where(amax > 0.0, amax, 1.0)
-            qv = _scaled_rows(qf, amax, MODE >= 4)
-            ql = _lo_digit(qf, amax, qv) if MODE == 5 else qv
-            row_scale = amax * (qk_scale / 127.0 if MODE >= 4 else qk_scale)
+        if MODE == 1 and FMT != 0:
+            amax = _row_amax(qv.to(tl.float32))
+            qv = (qv.to(tl.float32) / amax[:, None]).to(tl.float16)
+            row_scale = amax * qk_scale
         else:
-            ql = qv
             row_scale = tl.zeros([BLOCK_H], tl.float32) + qk_scale
         if SCALES == 2:
             row_scale = row_scale * tl.load(k_scale + scale_base)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
         dk = tl.arange(0, D // 2) if FMT == 3 else d
         for n0 in range(start, end, BLOCK_N):
-            m, l, acc = _attend_block(qv, ql, k_base, v_base, k_scale, v_scale, scale_base, n0 + tl.arange(0, BLOCK_N),
+            m, l, acc = _attend_block(qv, k_base, v_base, k_scale, v_scale, scale_base, n0 + tl.arange(0, BLOCK_N),
                                       end, dk, m, l, acc, row_scale, s_kt, s_vt, s_st, D, BLOCK_N, FMT, MODE, ASM,
                                       SCALES, K_NATURAL, NORM_V)
         if SCALES == 2:
@@ -480,11 +429,15 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.de
 
 def default_config(fmt: str, head_dim: int) -> KernelConfig:
     """DEFAULT_CONFIGS[fmt]; at other head dims block_n is rescaled (within 16..128) so that a K or V
-    block keeps its size in bytes, and with it the shared memory and registers it was tuned with."""
+    block keeps its size in bytes, and with it the shared memory and registers it was tuned with, and from
+    twice TUNED_HEAD_DIM on, WIDE_HEAD_DEQUANT's mode replaces the format's."""
     config = DEFAULT_CONFIGS[fmt]
     if head_dim == TUNED_HEAD_DIM:
         return config
-    return dataclasses.replace(config, block_n=min(128, max(16, config.block_n * TUNED_HEAD_DIM // head_dim)))
+    config = dataclasses.replace(config, block_n=min(128, max(16, config.block_n * TUNED_HEAD_DIM // head_dim)))
+    if head_dim >= 2 * TUNED_HEAD_DIM and fmt in WIDE_HEAD_DEQUANT:
+        config = dataclasses.replace(config, dequant=WIDE_HEAD_DEQUANT[fmt])
+    return config
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: Optional[torch.Tensor],
@@ -500,7 +453,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale:
     int32/int64 on q's device, each in [1, Tmax] (not checked: that would sync). sm_scale: score scale,
     usually D ** -0.5. num_splits: slices per sequence, default default_num_splits(). out: optional
     [B, Hq, D] buffer in q's dtype, contiguous in D, to write into (a CUDA graph's static output).
-    config: stage 1's launch, default default_config(fmt, D); float16 dots (fp16 queries, fast_dequant)
+    config: stage 1's launch, default default_config(fmt, D); float16 dots (fp16 queries, dequant 'asm')
     normalize V scales whatever its norm_v_scale says. Returns out (new when not given): [B, Hq, D] in q's dtype.
     """
     mode = _check(q, k, v, k_scale, v_scale, lengths, fmt)
@@ -524,9 +477,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale:
         # 2026-12-02) while the interpreter passes: refused until the cause is found on a GPU
         raise ValueError(f"fmt 'int4' needs block_n >= 32 and num_warps >= 2, got {config}")
     dequant = "cvt" if fmt == "dense" else config.dequant
-    if fmt not in DEQUANT_FORMATS[dequant]:
-        raise ValueError(f"dequant {dequant!r} serves {DEQUANT_FORMATS[dequant]}, not fmt {fmt!r}")
-    ptx = dequant in ("asm", "mma", "mma2")
+    ptx = dequant == "asm"
     if fmt == "fp8" and ptx:  # the PTX conversions read e4m3 bits as bytes
         k, v = k.view(torch.uint8), v.view(torch.uint8)
     _split_kernel[(B, hkv, splits)](
