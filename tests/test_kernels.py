@@ -4,8 +4,8 @@ cache classes of kvexp.core.kv.
 Kernel tests run on CUDA, or on CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
 before the kernel modules are imported). Under the interpreter a bfloat16 tl.dot multiplies bfloat16's raw
 uint16 storage, so bf16 queries run there only where the kernel's dots are float16 (quantized caches with
-fast_dequant); dense bf16 and the conversion path (fast_dequant=False) with bf16 queries are checked on the
-GPU (tests/README.md lists them). It also needs triton >= 3.7 when numpy >= 2.4 (triton#9171).
+dequant="asm", whose PTX the interpreter replaces by Triton ops giving the same values); dense bf16 and the
+conversion path (dequant="cvt") with bf16 queries are checked on the GPU (tests/README.md lists them). It also needs triton >= 3.7 when numpy >= 2.4 (triton#9171).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _inputs(B, hq, hkv, T, D, fmt, scales, dtype, seed=0, device=DEVICE):
 
 def _skip_bf16_on_cpu(dtype: torch.dtype, fmt: str, config: da.KernelConfig | None = None) -> None:
     """Skip where the interpreter would run a bfloat16 tl.dot (see the module docstring)."""
-    fast = fmt != "dense" and (config or da.default_config(fmt, 64)).fast_dequant
+    fast = fmt != "dense" and (config or da.default_config(fmt, 64)).dequant != "cvt"
     if dtype == torch.bfloat16 and not CUDA and not fast:
         pytest.skip("Triton's interpreter computes bf16 tl.dot on raw uint16 storage: checked on GPU")
 
@@ -159,13 +159,14 @@ def test_decode_attention_head_dims(kernels, fmt, scales, head_dim):
     assert _rel_err(out, decode_attention_ref(q, k, v, ks, vs, lengths, head_dim ** -0.5, fmt)) < 2e-3
 
 
-CONFIGS = [  # the tuner's block_n (and 16), both K loads; warps and stages are inert under the interpreter
-    da.KernelConfig(block_n=16, num_warps=1, num_stages=1, k_natural=True, norm_v_scale=False),
-    da.KernelConfig(block_n=32, num_warps=2, num_stages=2, k_natural=True),
-    da.KernelConfig(block_n=64, num_warps=8, num_stages=4, k_natural=False, norm_v_scale=False),
-    da.KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=True),
-    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, fast_dequant=False),
-    da.KernelConfig(block_n=32, num_warps=4, num_stages=3, k_natural=True, norm_v_scale=False, fast_dequant=False),
+CONFIGS = [  # the tuner's block_n (and 16), both K loads, both dequant modes; warps and stages are inert under
+    # the interpreter, which also runs no PTX: there the asm mode computes the same values with Triton ops
+    da.KernelConfig(block_n=16, num_warps=1, num_stages=1, k_natural=True, norm_v_scale=False, dequant="asm"),
+    da.KernelConfig(block_n=32, num_warps=2, num_stages=2, k_natural=True, dequant="asm"),
+    da.KernelConfig(block_n=64, num_warps=8, num_stages=4, k_natural=False, norm_v_scale=False, dequant="asm"),
+    da.KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=True, dequant="asm"),
+    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, dequant="cvt"),
+    da.KernelConfig(block_n=32, num_warps=4, num_stages=3, k_natural=True, norm_v_scale=False, dequant="cvt"),
 ]
 
 
@@ -187,7 +188,7 @@ def test_decode_attention_configs(kernels, dtype, fmt, scales, config):
 
 
 def test_kernel_config_rejects_bad_launches():
-    for bad in (dict(block_n=8), dict(block_n=96), dict(num_warps=3), dict(num_stages=0)):
+    for bad in (dict(block_n=8), dict(block_n=96), dict(num_warps=3), dict(num_stages=0), dict(dequant="bits")):
         with pytest.raises(ValueError, match="block_n a power of two"):
             da.KernelConfig(**{**dict(block_n=64, num_warps=4, num_stages=3, k_natural=False), **bad})
 
@@ -198,6 +199,9 @@ def test_default_config_keeps_block_bytes_across_head_dims():
     assert da.default_config("int8", 2 * da.TUNED_HEAD_DIM).block_n == base.block_n // 2
     assert da.default_config("dense", 256).block_n == max(16, da.DEFAULT_CONFIGS["dense"].block_n // 4)
     assert da.default_config("dense", 16).block_n == min(128, 4 * da.DEFAULT_CONFIGS["dense"].block_n)
+    for fmt, mode in da.WIDE_HEAD_DEQUANT.items():  # measured faster at D 128: replaces the format's mode there
+        assert da.default_config(fmt, 2 * da.TUNED_HEAD_DIM).dequant == mode
+        assert da.default_config(fmt, da.TUNED_HEAD_DIM // 2).dequant == da.DEFAULT_CONFIGS[fmt].dequant
 
 
 @pytest.mark.parametrize("config", [None, da.KernelConfig(64, 4, 3, False, norm_v_scale=False)], ids=str)
@@ -389,7 +393,8 @@ def test_bench_decode_attention_checks_every_method(kernels):
 
     rows = bench_decode_attention(batch_sizes=(2,), lengths=(1000,), hq=8, hkv=2, d=64)
     assert {r["method"] for r in rows} == {"sdpa_gqa", "sdpa_expand", "sdpa_int8_dequant", "kernel_dense",
-                                           *(f"kernel_{f}{s}" for f in ("int8", "fp8", "int4") for s in ("", "_cvt"))}
+                                           *(f"kernel_{f}{s}" for f in ("int8", "fp8", "int4") for s in (
+                                               "", "_asm" if da.default_config(f, 64).dequant == "cvt" else "_cvt"))}
     assert all(r["correct"] and r["time_us"] > 0 and r["gbps"] > 0 for r in rows), rows
     assert all(r["config"] for r in rows if r["method"].startswith("kernel_")), rows
 

@@ -1,6 +1,6 @@
 """Decode-attention microbenchmark, context sweep and launch-config tuner on CUDA: torch SDPA, the naive int8
 dequantize + SDPA path and the kvexp Triton kernel over dense / int8 / fp8 / int4 caches (quantized ones
-both with the fast bit-arithmetic dequantization and with plain conversions, "_cvt"), at the head layouts
+both with their default dequantization and with the other mode of KernelConfig.dequant, "_cvt" or "_asm"), at the head layouts
 of SHAPES.
 
     python -m kvexp.bench.kernels [--quick] [--sweep] [--json FILE]
@@ -102,11 +102,20 @@ def _methods(q: torch.Tensor, caches: dict, lengths: torch.Tensor, sm_scale: flo
     for fmt, cache in caches.items():
         base = default_config(fmt, q.shape[-1])
         for suffix, config in ((("", base),) if fmt == "dense" else
-                               (("", base), ("_cvt", dataclasses.replace(base, fast_dequant=False)))):
+                               (("", base), (f"_{_other_mode(base)}", _alternative(base)))):
             out = torch.empty_like(q)
             methods[f"kernel_{fmt}{suffix}"] = _Method(fmt, _kernel_call(q, cache, lengths, sm_scale, fmt, out, config),
                                                        _nbytes(*cache) + io, out)
     return methods
+
+
+def _other_mode(config: KernelConfig) -> str:
+    return "asm" if config.dequant == "cvt" else "cvt"
+
+
+def _alternative(config: KernelConfig) -> KernelConfig:
+    """The config with the dequant mode its format does not ship with (the kernel_<fmt>_<mode> rows)."""
+    return dataclasses.replace(config, dequant=_other_mode(config))
 
 
 def _kernel_call(q, cache, lengths, sm_scale, fmt, out, config=None) -> Callable[[], torch.Tensor]:
@@ -168,7 +177,7 @@ def _bench_case(batch: int, seq_len: int, hq: int, hkv: int, d: int, dtype: torc
         row = dict(_shape(batch, seq_len, hq, hkv, d, dtype), method=name, **measured)
         if name.startswith("kernel_"):
             config = default_config(method.fmt, d)
-            config = dataclasses.replace(config, fast_dequant=False) if name.endswith("_cvt") else config
+            config = _alternative(config) if name.endswith(("_cvt", "_asm")) else config
             row.update(num_splits=default_num_splits(batch, hkv, seq_len, q.device), config=str(config))
         rows.append(row)
     return rows
@@ -181,7 +190,7 @@ def bench_decode_attention(batch_sizes=(1, 8, 16), lengths=(4096, 32768), hq: in
     Methods: sdpa_gqa (F.scaled_dot_product_attention with enable_gqa=True, the production baseline),
     sdpa_expand (K/V repeated to Hq heads, for reference), sdpa_int8_dequant (kv.dequantize then SDPA), and
     kernel_dense / kernel_int8 / kernel_fp8 / kernel_int4 (kvexp.core.kernels.decode_attention, dynamic
-    per-token scales, the default config) and kernel_<fmt>_cvt (the same with fast_dequant=False). Returns one dict per (case, method): batch, seq_len, hq, hkv, head_dim, dtype, method,
+    per-token scales, the default config) and kernel_<fmt>_<mode> (the same with the other dequant mode). Returns one dict per (case, method): batch, seq_len, hq, hkv, head_dim, dtype, method,
     kv_format, time_us (median per call, CUDA graph), bytes (minimum moved), gbps (bytes / time), rel_err
     (vs decode_attention_ref), correct (rel_err < REL_TOL), and num_splits and config for the kernel rows.
     """

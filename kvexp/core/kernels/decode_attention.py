@@ -12,11 +12,10 @@ sm_scale and the probabilities are multiplied by s_v[t] before the P @ V dot (in
 exact in fp16/bf16, so the dots see exact inputs). Static per-head scales fold into sm_scale and the
 output. Softmax runs in base 2 (exp2) with sm_scale * log2(e) folded in; accumulation is fp32.
 
-Quantized tiles can become float16 through bit arithmetic (KernelConfig.fast_dequant, see _values) instead
-of int->float conversions, which issue at a quarter of the FP32 rate on Hopper; the dots then run in
-float16, queries normalized per row so bf16 queries neither overflow nor lose bits. Measured on an H200,
-that pays for int4 (its nibbles need unpacking either way) and not for int8/fp8 (DEFAULT_CONFIGS says by
-how much), so each format's default config picks its path.
+Quantized tiles reach the dots either through Triton's casts to the queries' dtype or through inline PTX
+that builds float16 from the bits (KernelConfig.dequant, DEQUANT_MODES says what each costs where); the
+float16 dots then see queries normalized per row, so bf16 queries neither overflow nor lose bits. Each
+format's default config picks the mode measured faster at its head dim.
 
 Stage 1's launch is a KernelConfig; DEFAULT_CONFIGS holds one per format, and
 kvexp.bench.kernels.tune_decode_attention measures the alternatives on the GPU at hand.
@@ -48,46 +47,56 @@ DEFAULT_MAX_SPLITS = 64
 MERGE_CHUNK = 16
 MIN_SPLIT_TOKENS = 256  # below this a slice's fixed cost (q load, partial store, merge) dominates its reads
 TUNED_HEAD_DIM = 64  # the head dim DEFAULT_CONFIGS are chosen at (Llama-3.2-1B's)
+# How quantized tiles reach the dots (KernelConfig.dequant):
+#   cvt  K and V converted to the queries' dtype by Triton's casts (int8: byte permutes and HADD2 already);
+#        dots in that dtype
+#   asm  K and V converted to float16 by inline PTX (_int8_to_f16_asm, _e4m3_to_f16_asm,
+#        _int4_halves_f16_asm); float16 dots, queries normalized per row
+# The PTX is marked impure on purpose: Triton then converts the tile where it was loaded and hands the
+# float16 tile to the dot through shared memory (ldmatrix), instead of hoisting the conversion into the
+# dot's operand layout, where 8-bit tiles are read from shared memory a byte pair at a time (ptxas, sm_90,
+# triton 3.6, int8 at block_n 128: the loop fell from 931 to 686 instructions and 128 to 108 registers).
+# Measured on an H100 (docs/benchmarks.md, 2026-12-02) against SDPA bf16 at B=8, T=32k: fp8 asm 1.47x at
+# D 64 (cvt 1.34x) but 1.24x at D 128 (cvt 1.30x); int8 cvt 1.53x / 1.48x (asm 1.47x / 0.90x); int4 asm at
+# block_n 128 1.37x / 1.33x (the previous bit-arithmetic path 0.92x / 0.97x). int8 QK^T on the int8 tensor
+# cores (queries in one or two int8 digits) measured 1.59x / 1.05x and was dropped.
+DEQUANT_MODES = {"cvt": 0, "asm": 1}
+WIDE_HEAD_DEQUANT = {"fp8": "cvt"}  # default_config's dequant at head_dim >= 2 * TUNED_HEAD_DIM (see above)
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    """How stage 1 is launched. Every config computes the same attention; they differ in speed only
-    (and, for norm_v_scale, in fp16's rounding, which is why fp16 queries always normalize)."""
+    """How stage 1 is launched. Every config computes the same attention; they differ in speed and in
+    rounding only (float16 dots normalize the V scales whatever norm_v_scale says)."""
     block_n: int  # keys per loop iteration: a power of two >= 16, tl.dot's smallest N
     num_warps: int
     num_stages: int  # cp.async buffers of K/V blocks in flight per program
     k_natural: bool  # load K as stored, [BLOCK_N, D], and transpose it as a dot operand (else a [D, BLOCK_N] load)
     norm_v_scale: bool = True  # scale p * s_v by its block max (needed by fp16 only; bf16 queries may skip it)
-    fast_dequant: bool = True  # quantized formats: float16 tiles from bit arithmetic, float16 dots (see _values)
+    dequant: str = "cvt"  # quantized formats: one of DEQUANT_MODES (dense always reads its tiles as they are)
 
     def __post_init__(self):
         if self.block_n < 16 or self.block_n & (self.block_n - 1) or self.num_warps not in (1, 2, 4, 8, 16) \
-                or self.num_stages < 1:
-            raise ValueError(f"need block_n a power of two >= 16, num_warps in 1..16 (a power of two) and "
-                             f"num_stages >= 1, got {self}")
+                or self.num_stages < 1 or self.dequant not in DEQUANT_MODES:
+            raise ValueError(f"need block_n a power of two >= 16, num_warps in 1..16 (a power of two), "
+                             f"num_stages >= 1 and dequant one of {tuple(DEQUANT_MODES)}, got {self}")
 
     def __str__(self) -> str:
         return (f"n{self.block_n}w{self.num_warps}s{self.num_stages}" + ("-knat" if self.k_natural else "")
-                + ("" if self.norm_v_scale else "-vraw") + ("" if self.fast_dequant else "-cvt"))
+                + ("" if self.norm_v_scale else "-vraw") + f"-{self.dequant}")
 
 
-# Per format at D = 64: ~8 KB of K (and of V) per block; with 3 cp.async buffers that keeps ~32 KB in
-# flight per program at <= ~130 registers and ~40 KB shared memory (ptxas, sm_90, triton 3.6).
+# Per format at D = 64: 8-16 KB of K (and of V) per block; with 3 cp.async buffers that is <= 55 KB of
+# shared memory and <= 128 registers per program, 4 programs per SM (ptxas, sm_90, triton 3.6).
+# block_n, warps, stages and k_natural: the H100 sweep above measured 64 vs 128 and 4 vs 8 warps (128 and 4
+# won by 10-60%), k_natural and 2x splits as noise or worse. An earlier H100 tuning (B=1 and 8, T=32k) found
+# skipping the V-scale normalization (bf16 queries only) worth 6-7% at B=8 on the bf16 dots of cvt.
 DEFAULT_CONFIGS: dict[str, KernelConfig] = {
     "dense": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False),
-    # tune_decode_attention on an H100 (B=1 and 8, T=32k): skipping the V-scale normalization (bf16 queries
-    # only; fp16 keeps it) was the one knob that paid, 6-7% at B=8; block/warps/stages/k_natural were noise.
-    # On an H200 (2026-12-02, B=8, T=32k, Llama-3.2-1B heads) the bit-arithmetic float16 tiles did not pay for
-    # 8-bit formats: int8 150.8 us at block_n 64 and 166 at 128 against 114.8 converting (Triton 3.6 already
-    # converts int8 with byte permutes, not I2F), fp8 169 against 133.9. For int4 they did: 201 against 214.
-    "int8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False,
-                         fast_dequant=False),
-    "fp8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False,
-                        fast_dequant=False),
-    "int4": KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, fast_dequant=True),
+    "int8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False),
+    "fp8": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, norm_v_scale=False, dequant="asm"),
+    "int4": KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=False, dequant="asm"),
 }
-FP8_BITS_FACTOR = 256.0  # _values' fast e4m3 tiles hold the value times 2^-8
 
 
 @triton.jit
@@ -97,25 +106,85 @@ def _unpack_int4(x, ROWS: tl.constexpr, D: tl.constexpr):
 
 
 @triton.jit
-def _values(x, FMT: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr):
-    """A loaded K or V tile (int8, fp8 as uint8 bits, int4 codes as uint8) -> DT, exactly.
+def _int8_to_f16_asm(x):
+    """int8 -> float16 (exact), 4 values in 5 instructions: x ^ 0x80 is the byte x + 128, placed under the
+    float16 exponent of 1024 (0x64) by prmt it reads 1024 + x + 128, and one sub.f16x2 of 1152 per 2 values."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 u, c;
+        xor.b32 u, $2, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, u, 0x64646464, 0x4140;
+        prmt.b32 $1, u, 0x64646464, 0x4342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""", "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)  # impure: see DEQUANT_MODES
 
-    FAST builds float16 from bits with full-rate integer ops instead of I2F/F2F conversions (quarter rate
-    on Hopper, which bound the previous kernel): 0x6400 | u is the float16 1024 + u for u < 1024, so int8
-    x is (0x6480 + x) - 1152 and an int4 code c is (0x6400 | c) - 1032; e4m3 bits s.eeee.mmm placed at
-    float16's s.eeeee.mmm0000000 are the same value times 2^-8 (normals and subnormals alike), which
-    FP8_BITS_FACTOR undoes in the scales. One return statement: Triton's compiler type-checks every return,
-    even those under a constexpr branch not taken."""
+
+@triton.jit
+def _e4m3_to_f16_asm(x):
+    """float8_e4m3fn bits (uint8) -> float16 (exact), one cvt.rn.f16x2.e4m3x2 per 2 values (sm_89+)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b16 a0, a1;
+        mov.b32 {a0, a1}, $2;
+        cvt.rn.f16x2.e4m3x2 $0, a0;
+        cvt.rn.f16x2.e4m3x2 $1, a1;
+        }""", "=r,=r,r", [x], dtype=tl.float16, is_pure=False, pack=4)
+
+
+@triton.jit
+def _int4_halves_f16_asm(x):
+    """int4 bytes (low nibble: even element) -> (even, odd) float16 code - 8 (exact), 8 values in 10
+    instructions: lop3 puts a nibble under 0x6400 (1024 + c, or 1024 + 16 c for the high one), then one
+    sub.f16x2 of 1032 or one fma.f16x2 by 1/16 minus 72 per 2 values (the AWQ / FasterTransformer trick)."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 x, y, c, s, t;
+        prmt.b32 x, $4, $4, 0x3120;
+        shr.b32 y, x, 8;
+        lop3.b32 $0, x, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $1, y, 0x000F000F, 0x64006400, 0xEA;
+        lop3.b32 $2, x, 0x00F000F0, 0x64006400, 0xEA;
+        lop3.b32 $3, y, 0x00F000F0, 0x64006400, 0xEA;
+        mov.b32 c, 0x64086408;
+        mov.b32 s, 0x2C002C00;
+        mov.b32 t, 0xD480D480;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        fma.rn.f16x2 $2, $2, s, t;
+        fma.rn.f16x2 $3, $3, s, t;
+        }""", "=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=False, pack=4)
+
+
+@triton.jit
+def _int4_halves(x, ASM: tl.constexpr):
+    """Packed int4 tile -> (even, odd) elements as float16 code - 8. Without ASM (Triton's interpreter runs
+    no PTX) the same values from Triton ops."""
+    if ASM:
+        lo, hi = _int4_halves_f16_asm(x)
+    else:
+        lo, hi = ((x & 0xF).to(tl.int32) - 8).to(tl.float16), ((x >> 4).to(tl.int32) - 8).to(tl.float16)
+    return lo, hi
+
+
+@triton.jit
+def _values(x, FMT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, DT: tl.constexpr):
+    """A loaded K or V tile (int8, fp8 - as uint8 bits under asm -, int4 codes as uint8) -> its values,
+    exactly, in DT (cvt) or float16 (asm; without ASM, the interpreter's, from Triton casts). One return
+    statement: Triton's compiler type-checks every return, even those under a constexpr branch not taken."""
     if FMT == 0:
         y = x
-    elif FAST:
-        b = x.to(tl.int32)
-        if FMT == 1:
-            y = (b + 0x6480).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
-        elif FMT == 2:
-            y = (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.int16).to(tl.float16, bitcast=True)
+    elif MODE == 1:
+        if ASM:
+            if FMT == 1:
+                y = _int8_to_f16_asm(x)
+            else:
+                y = _e4m3_to_f16_asm(x)
+        elif FMT == 1:
+            y = x.to(tl.float16)
         else:
-            y = (b | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1032.0
+            y = x.to(tl.float8e4nv, bitcast=True).to(tl.float16)
     elif FMT == 3:
         y = (x.to(tl.int32) - 8).to(DT)
     else:
@@ -124,22 +193,8 @@ def _values(x, FMT: tl.constexpr, FAST: tl.constexpr, DT: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(qv, k_base, v_base, k_scale, v_scale, scale_base, n, end, d, m, l, acc, row_scale,
-                  s_kt, s_vt, s_st, D: tl.constexpr, BLOCK_N: tl.constexpr, FMT: tl.constexpr,
-                  FAST: tl.constexpr, SCALES: tl.constexpr, K_NATURAL: tl.constexpr, NORM_V: tl.constexpr):
-    """One BLOCK_N slice of keys/values folded into the online softmax state (m, l, acc) of all rows.
-    qv [BLOCK_H, D] in the dot dtype; n [BLOCK_N] positions; d [D] (int4: [D/2] bytes); m, l [BLOCK_H] fp32
-    (base-2 max, sum); acc [BLOCK_H, D] fp32; row_scale [BLOCK_H] fp32 multiplies the raw scores."""
-    valid = n < end
-    if FMT == 3:  # packed rows are loaded as stored and unpacked to [BLOCK_N, D]
-        kb = _unpack_int4(tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
-        scores = tl.dot(qv, tl.trans(_values(kb, FMT, FAST, qv.dtype)))
-    elif K_NATURAL:  # the tile as stored (rows of D contiguous values), transposed as a dot operand
-        kb = tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-        scores = tl.dot(qv, tl.trans(_values(kb, FMT, FAST, qv.dtype)))
-    else:
-        kt = tl.load(k_base + n[None, :] * s_kt + d[:, None], mask=valid[None, :], other=0.0)  # [D, BLOCK_N]
-        scores = tl.dot(qv, _values(kt, FMT, FAST, qv.dtype))
+def _softmax_step(scores, valid, m, l, k_scale, scale_base, n, s_st, row_scale, SCALES: tl.constexpr):
+    """Raw scores [BLOCK_H, BLOCK_N] -> (p, alpha, m_new, l): scaled, masked, folded into the running max/sum."""
     scores = scores * row_scale[:, None]
     if SCALES == 1:
         scores = scores * tl.load(k_scale + scale_base + n * s_st, mask=valid, other=0.0).to(tl.float32)[None, :]
@@ -147,40 +202,97 @@ def _attend_block(qv, k_base, v_base, k_scale, v_scale, scale_base, n, end, d, m
     m_new = tl.maximum(m, tl.max(scores, 1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(scores - m_new[:, None])
-    l = l * alpha + tl.sum(p, 1)
-    if FMT == 3:
-        vb = _unpack_int4(tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
-    else:
-        vb = tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
-    vb = _values(vb, FMT, FAST, qv.dtype)
+    return p, alpha, m_new, l * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _pv(p, vb, v_scale, scale_base, n, valid, s_st, SCALES: tl.constexpr, NORM_V: tl.constexpr):
+    """p [BLOCK_H, BLOCK_N] fp32 @ vb [BLOCK_N, X] (values, dot dtype) with per-token V scales -> fp32."""
     if SCALES == 1:
         vs = tl.load(v_scale + scale_base + n * s_st, mask=valid, other=0.0).to(tl.float32)
         if NORM_V:
             # p * s_v goes through the dot in fp16, which would flush it to subnormals when V is small
             # (s_v ~ 1e-5), so the scales enter relative to their block max, which multiplies back in fp32.
             vs_max = tl.max(vs, 0)
-            pv = tl.dot((p * (vs / vs_max)[None, :]).to(qv.dtype), vb) * vs_max
+            pv = tl.dot((p * (vs / vs_max)[None, :]).to(vb.dtype), vb) * vs_max
         else:  # bf16 has fp32's exponent range: p * s_v rounds like p alone, with no block max to reduce
-            pv = tl.dot((p * vs[None, :]).to(qv.dtype), vb)
+            pv = tl.dot((p * vs[None, :]).to(vb.dtype), vb)
     else:
-        pv = tl.dot(p.to(qv.dtype), vb)
-    return m_new, l, acc * alpha[:, None] + pv
+        pv = tl.dot(p.to(vb.dtype), vb)
+    return pv
 
 
 @triton.jit
-def _load_query(q, b, s_qb, s_qh, heads, rows, d, qk_scale, G: tl.constexpr, FAST: tl.constexpr):
-    """The [BLOCK_H, D] query rows of one kv head in the dot dtype, and the [BLOCK_H] fp32 factor of their
-    raw scores. FAST: each row is divided by its max magnitude into float16 (the dot's dtype then; 11
-    significant bits, and no overflow for bf16 queries) and the max moves into the factor."""
-    qv = tl.load(q + b * s_qb + heads[:, None] * s_qh + d[None, :], mask=rows[:, None] < G, other=0.0)
-    if FAST:
-        amax = tl.max(tl.abs(qv.to(tl.float32)), 1)
-        amax = tl.where(amax > 0.0, amax, 1.0)
-        qv = (qv.to(tl.float32) / amax[:, None]).to(tl.float16)
-        row_scale = amax * qk_scale
+def _attend_block(qv, k_base, v_base, k_scale, v_scale, scale_base, n, end, d, m, l, acc, row_scale,
+                  s_kt, s_vt, s_st, D: tl.constexpr, BLOCK_N: tl.constexpr, FMT: tl.constexpr,
+                  MODE: tl.constexpr, ASM: tl.constexpr, SCALES: tl.constexpr, K_NATURAL: tl.constexpr,
+                  NORM_V: tl.constexpr):
+    """One BLOCK_N slice of keys/values folded into the online softmax state (m, l, acc) of all rows.
+    qv [BLOCK_H, D] in the dot dtype; n [BLOCK_N] positions; d [D] (int4: [D/2] bytes); m, l [BLOCK_H] fp32
+    (base-2 max, sum); acc [BLOCK_H, D] fp32; row_scale [BLOCK_H] fp32 multiplies the raw scores."""
+    valid = n < end
+    if FMT == 3:  # packed rows are loaded as stored and unpacked to [BLOCK_N, D]
+        kb = _unpack_int4(tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
+        scores = tl.dot(qv, tl.trans(_values(kb, FMT, MODE, ASM, qv.dtype)))
+    elif K_NATURAL:  # the tile as stored (rows of D contiguous values), transposed as a dot operand
+        kb = tl.load(k_base + n[:, None] * s_kt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        scores = tl.dot(qv, tl.trans(_values(kb, FMT, MODE, ASM, qv.dtype)))
     else:
-        row_scale = tl.zeros([rows.shape[0]], tl.float32) + qk_scale
-    return qv, row_scale  # one return: see _values
+        kt = tl.load(k_base + n[None, :] * s_kt + d[:, None], mask=valid[None, :], other=0.0)  # [D, BLOCK_N]
+        scores = tl.dot(qv, _values(kt, FMT, MODE, ASM, qv.dtype))
+    p, alpha, m_new, l = _softmax_step(scores, valid, m, l, k_scale, scale_base, n, s_st, row_scale, SCALES)
+    if FMT == 3:
+        vb = _unpack_int4(tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=8), BLOCK_N, D)
+    else:
+        vb = tl.load(v_base + n[:, None] * s_vt + d[None, :], mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+    vb = _values(vb, FMT, MODE, ASM, qv.dtype)
+    return m_new, l, acc * alpha[:, None] + _pv(p, vb, v_scale, scale_base, n, valid, s_st, SCALES, NORM_V)
+
+
+@triton.jit
+def _attend_block_int4(qe, qo, k_base, v_base, k_scale, v_scale, scale_base, n, end, dh, m, l, acc_e, acc_o,
+                       row_scale, s_kt, s_vt, s_st, ASM: tl.constexpr, SCALES: tl.constexpr,
+                       K_NATURAL: tl.constexpr, NORM_V: tl.constexpr):
+    """_attend_block for int4 under asm, with the head dim split into even and odd elements (the low and
+    high nibbles of each byte) so no tile is interleaved: q . k = qe . k_even + qo . k_odd, and the output's
+    even and odd elements accumulate apart (acc_e, acc_o [BLOCK_H, D/2]). dh [D/2] byte offsets."""
+    valid = n < end
+    if K_NATURAL:
+        ke, ko = _int4_halves(tl.load(k_base + n[:, None] * s_kt + dh[None, :], mask=valid[:, None], other=0x88),
+                              ASM)
+        ke, ko = tl.trans(ke), tl.trans(ko)
+    else:
+        ke, ko = _int4_halves(tl.load(k_base + n[None, :] * s_kt + dh[:, None], mask=valid[None, :], other=0x88),
+                              ASM)
+    scores = tl.dot(qe, ke) + tl.dot(qo, ko)
+    p, alpha, m_new, l = _softmax_step(scores, valid, m, l, k_scale, scale_base, n, s_st, row_scale, SCALES)
+    ve, vo = _int4_halves(tl.load(v_base + n[:, None] * s_vt + dh[None, :], mask=valid[:, None], other=0x88), ASM)
+    acc_e = acc_e * alpha[:, None] + _pv(p, ve, v_scale, scale_base, n, valid, s_st, SCALES, NORM_V)
+    acc_o = acc_o * alpha[:, None] + _pv(p, vo, v_scale, scale_base, n, valid, s_st, SCALES, NORM_V)
+    return m_new, l, acc_e, acc_o
+
+
+@triton.jit
+def _query_rows(q, b, s_qb, s_qh, heads, rows, cols, G: tl.constexpr):
+    return tl.load(q + b * s_qb + heads[:, None] * s_qh + cols[None, :], mask=rows[:, None] < G, other=0.0)
+
+
+@triton.jit
+def _row_amax(x):
+    """Max magnitude of each fp32 row (1 for an all-zero row, a padding row among them)."""
+    amax = tl.max(tl.abs(x), 1)
+    return tl.where(amax > 0.0, amax, 1.0)
+
+
+@triton.jit
+def _store_part(part_out, part_lse, b, heads, rows, split, cols, acc, m, l, s_pb, s_ph, s_ps, s_lb, s_lh,
+                G: tl.constexpr, STORE_LSE: tl.constexpr):
+    nonempty = l > 0.0
+    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    tl.store(part_out + b * s_pb + heads[:, None] * s_ph + split * s_ps + cols[None, :], out, mask=rows[:, None] < G)
+    if STORE_LSE:
+        lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
+        tl.store(part_lse + b * s_lb + heads * s_lh + split, lse, mask=rows < G)
 
 
 @triton.jit
@@ -188,11 +300,12 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
                   s_qb, s_qh, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, s_sb, s_sh, s_st,
                   s_pb, s_ph, s_ps, s_lb, s_lh,
                   G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  FMT: tl.constexpr, FAST: tl.constexpr, SCALES: tl.constexpr, K_NATURAL: tl.constexpr,
-                  NORM_V: tl.constexpr, VALUE_FACTOR: tl.constexpr):
+                  FMT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, SCALES: tl.constexpr,
+                  K_NATURAL: tl.constexpr, NORM_V: tl.constexpr):
     """Stage 1, grid (B, Hkv, num_splits): normalized partial output [G, D] and base-2 lse [G] of one
-    slice for the G query heads of one kv head. An empty slice stores lse = -inf and zeros.
-    VALUE_FACTOR: what _values' K and V tiles must be multiplied by (2^8 for FAST fp8, else 1)."""
+    slice for the G query heads of one kv head. An empty slice stores lse = -inf and zeros. Under asm
+    (MODE 1) the dots are float16: each query row is divided by its max magnitude (11 significant bits,
+    and no overflow for bf16 queries) and the max moves into the scores' row factor."""
     b = tl.program_id(0).to(tl.int64)  # int64: cache offsets pass 2^31 at long context
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -203,28 +316,51 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
 
     rows = tl.arange(0, BLOCK_H)
     heads = kvh * G + rows
-    d = tl.arange(0, D)
-    qv, row_scale = _load_query(q, b, s_qb, s_qh, heads, rows, d, qk_scale * VALUE_FACTOR, G, FAST)
     scale_base = b * s_sb + kvh * s_sh  # static scales come with s_sb = s_st = 0
-    if SCALES == 2:
-        row_scale = row_scale * tl.load(k_scale + scale_base)
+    k_base, v_base = k + b * s_kb + kvh * s_kh, v + b * s_vb + kvh * s_vh
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, D], tl.float32)
-    dk = tl.arange(0, D // 2) if FMT == 3 else d
-    for n0 in range(start, end, BLOCK_N):
-        m, l, acc = _attend_block(qv, k + b * s_kb + kvh * s_kh, v + b * s_vb + kvh * s_vh, k_scale, v_scale,
-                                  scale_base, n0 + tl.arange(0, BLOCK_N), end, dk, m, l, acc, row_scale,
-                                  s_kt, s_vt, s_st, D, BLOCK_N, FMT, FAST, SCALES, K_NATURAL, NORM_V)
-    acc = acc * VALUE_FACTOR
-    if SCALES == 2:
-        acc = acc * tl.load(v_scale + scale_base)
-
-    nonempty = l > 0.0
-    out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
-    tl.store(part_out + b * s_pb + heads[:, None] * s_ph + split * s_ps + d[None, :], out, mask=rows[:, None] < G)
-    tl.store(part_lse + b * s_lb + heads * s_lh + split, lse, mask=rows < G)
+    if FMT == 3 and MODE == 1:  # int4 under asm: the head dim in even and odd halves
+        dh = tl.arange(0, D // 2)
+        qe = _query_rows(q, b, s_qb, s_qh, heads, rows, 2 * dh, G).to(tl.float32)
+        qo = _query_rows(q, b, s_qb, s_qh, heads, rows, 2 * dh + 1, G).to(tl.float32)
+        amax = tl.maximum(_row_amax(qe), _row_amax(qo))
+        qe, qo = (qe / amax[:, None]).to(tl.float16), (qo / amax[:, None]).to(tl.float16)
+        row_scale = amax * qk_scale
+        if SCALES == 2:
+            row_scale = row_scale * tl.load(k_scale + scale_base)
+        acc_e = tl.zeros([BLOCK_H, D // 2], tl.float32)
+        acc_o = tl.zeros([BLOCK_H, D // 2], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            m, l, acc_e, acc_o = _attend_block_int4(
+                qe, qo, k_base, v_base, k_scale, v_scale, scale_base, n0 + tl.arange(0, BLOCK_N), end, dh, m, l,
+                acc_e, acc_o, row_scale, s_kt, s_vt, s_st, ASM, SCALES, K_NATURAL, NORM_V)
+        if SCALES == 2:
+            acc_e, acc_o = acc_e * tl.load(v_scale + scale_base), acc_o * tl.load(v_scale + scale_base)
+        _store_part(part_out, part_lse, b, heads, rows, split, 2 * dh, acc_e, m, l, s_pb, s_ph, s_ps, s_lb, s_lh,
+                    G, True)
+        _store_part(part_out, part_lse, b, heads, rows, split, 2 * dh + 1, acc_o, m, l, s_pb, s_ph, s_ps, s_lb,
+                    s_lh, G, False)
+    else:
+        d = tl.arange(0, D)
+        qv = _query_rows(q, b, s_qb, s_qh, heads, rows, d, G)
+        if MODE == 1 and FMT != 0:
+            amax = _row_amax(qv.to(tl.float32))
+            qv = (qv.to(tl.float32) / amax[:, None]).to(tl.float16)
+            row_scale = amax * qk_scale
+        else:
+            row_scale = tl.zeros([BLOCK_H], tl.float32) + qk_scale
+        if SCALES == 2:
+            row_scale = row_scale * tl.load(k_scale + scale_base)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        dk = tl.arange(0, D // 2) if FMT == 3 else d
+        for n0 in range(start, end, BLOCK_N):
+            m, l, acc = _attend_block(qv, k_base, v_base, k_scale, v_scale, scale_base, n0 + tl.arange(0, BLOCK_N),
+                                      end, dk, m, l, acc, row_scale, s_kt, s_vt, s_st, D, BLOCK_N, FMT, MODE, ASM,
+                                      SCALES, K_NATURAL, NORM_V)
+        if SCALES == 2:
+            acc = acc * tl.load(v_scale + scale_base)
+        _store_part(part_out, part_lse, b, heads, rows, split, d, acc, m, l, s_pb, s_ph, s_ps, s_lb, s_lh, G, True)
 
 
 @triton.jit
@@ -293,11 +429,15 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.de
 
 def default_config(fmt: str, head_dim: int) -> KernelConfig:
     """DEFAULT_CONFIGS[fmt]; at other head dims block_n is rescaled (within 16..128) so that a K or V
-    block keeps its size in bytes, and with it the shared memory and registers it was tuned with."""
+    block keeps its size in bytes, and with it the shared memory and registers it was tuned with, and from
+    twice TUNED_HEAD_DIM on, WIDE_HEAD_DEQUANT's mode replaces the format's."""
     config = DEFAULT_CONFIGS[fmt]
     if head_dim == TUNED_HEAD_DIM:
         return config
-    return dataclasses.replace(config, block_n=min(128, max(16, config.block_n * TUNED_HEAD_DIM // head_dim)))
+    config = dataclasses.replace(config, block_n=min(128, max(16, config.block_n * TUNED_HEAD_DIM // head_dim)))
+    if head_dim >= 2 * TUNED_HEAD_DIM and fmt in WIDE_HEAD_DEQUANT:
+        config = dataclasses.replace(config, dequant=WIDE_HEAD_DEQUANT[fmt])
+    return config
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: Optional[torch.Tensor],
@@ -313,7 +453,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale:
     int32/int64 on q's device, each in [1, Tmax] (not checked: that would sync). sm_scale: score scale,
     usually D ** -0.5. num_splits: slices per sequence, default default_num_splits(). out: optional
     [B, Hq, D] buffer in q's dtype, contiguous in D, to write into (a CUDA graph's static output).
-    config: stage 1's launch, default default_config(fmt, D); float16 dots (fp16 queries, fast_dequant)
+    config: stage 1's launch, default default_config(fmt, D); float16 dots (fp16 queries, dequant 'asm')
     normalize V scales whatever its norm_v_scale says. Returns out (new when not given): [B, Hq, D] in q's dtype.
     """
     mode = _check(q, k, v, k_scale, v_scale, lengths, fmt)
@@ -336,17 +476,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale:
         # measured wrong on an H200 (relative error 1.5 at block_n 16 with 1 warp, tests/test_kernels.py,
         # 2026-12-02) while the interpreter passes: refused until the cause is found on a GPU
         raise ValueError(f"fmt 'int4' needs block_n >= 32 and num_warps >= 2, got {config}")
-    fast = config.fast_dequant and fmt != "dense"
-    if fmt == "fp8":  # e4m3 bits as bytes: the fast path reads them as integers
-        k, v = (k.view(torch.uint8), v.view(torch.uint8)) if fast else (k, v)
+    dequant = "cvt" if fmt == "dense" else config.dequant
+    ptx = dequant == "asm"
+    if fmt == "fp8" and ptx:  # the PTX conversions read e4m3 bits as bytes
+        k, v = k.view(torch.uint8), v.view(torch.uint8)
     _split_kernel[(B, hkv, splits)](
         q, k, v, k_scale, v_scale, lengths, part_out, part_lse, sm_scale * math.log2(math.e), splits,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *scale_strides(mode, k_scale), *part_out.stride()[:3], *part_lse.stride()[:2],
         G=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=D,
-        BLOCK_N=config.block_n, FMT=FMT_CODES[fmt], FAST=fast, SCALES=mode, K_NATURAL=config.k_natural,
-        NORM_V=config.norm_v_scale or fast or q.dtype == torch.float16,
-        VALUE_FACTOR=FP8_BITS_FACTOR if fast and fmt == "fp8" else 1.0,
+        BLOCK_N=config.block_n, FMT=FMT_CODES[fmt], MODE=DEQUANT_MODES[dequant],
+        ASM=ptx and type(_split_kernel).__name__ != "InterpretedFunction",  # the interpreter runs no PTX
+        SCALES=mode, K_NATURAL=config.k_natural,
+        NORM_V=config.norm_v_scale or q.dtype == torch.float16 or dequant != "cvt",
         num_warps=config.num_warps, num_stages=config.num_stages)
     _merge_kernel[(B, hq)](
         part_out, part_lse, out, splits, *part_out.stride()[:3], *part_lse.stride()[:2],
