@@ -181,7 +181,7 @@ def step_bytes(engine, batch: int, context: int) -> float:
 def run_engine(ckpt: Path, name: str, quant: str, extra: list, dense: str, packed: str,
                shapes: list[tuple[int, int]], gen: int, iters: int, bw: float, profile: bool) -> tuple[list, list]:
     """One engine, measured at each (context, batch). Returns (rows, profile rows of batch 1 if asked)."""
-    spec = validate(compose_job([f"model.path={ckpt}", f"quant={quant}", *extra, "model.dtype=bfloat16",
+    spec = validate(compose_job([f"model.path={ckpt}", f"quant={quant}", *extra, "model.dtype=bfloat16", "eval=none",
                                  "engine.device=cuda", "eval.fidelity.enabled=false",
                                  f"context.prompt_len={max(c for c, _ in shapes)}", f"context.gen_len={gen}"]))
     engine = TorchEngine(spec)

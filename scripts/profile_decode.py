@@ -27,7 +27,7 @@ def main() -> None:
     ckpt = make_checkpoint(Path(tempfile.gettempdir()) / "kvexp-llama-1b-shape")
     results = {}
     for quant in ("fp16", "int8kv"):
-        spec = validate(compose_job([f"model.path={ckpt}", f"quant={quant}", "model.dtype=bfloat16",
+        spec = validate(compose_job([f"model.path={ckpt}", f"quant={quant}", "model.dtype=bfloat16", "eval=none",
                                      "engine.device=cuda", "eval.fidelity.enabled=false", "context.prompt_len=32768",
                                      "context.gen_len=32", "bench.batch_size=8", "bench.profile=torch"]))
         engine = TorchEngine(spec)

@@ -232,7 +232,11 @@ def test_gpu_linear_matches_the_reference(activations, kernel, rows):
     ref = layer._reference(x).float()
     layer.prepare(kernel)
     got = layer(x).float()
-    torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item() / 50)
+    # weight-only prefill runs cuBLAS over the weights dequantized to bf16 (one more rounding, 2^-9 per weight,
+    # than the reference's float32): ~0.1% of the output's range over K=2048; a wrong scale or row is O(1)
+    via_bf16 = not activations and (kernel == "scaled_mm" or rows > 16)
+    atol = (2e-3 if via_bf16 else 4e-4) * ref.abs().max().item()
+    torch.testing.assert_close(got, ref, rtol=2e-2, atol=atol)
     gated = layer.silu_mul(x)
     if gated is not None:  # the [gate; up] epilogue of the GEMV
         g, u = ref.chunk(2, -1)
@@ -244,5 +248,6 @@ def test_gpu_engine_matches_the_cpu_reference():
     """bf16 on the GPU (its weights rounded to bf16 before e4m3), float32 on the CPU: close, not identical."""
     for quant in ("fp8_weights", "fp8"):
         cpu = _continuation(build_engine(f"quant={quant}", "quant.calib.dataset=builtin", "engine.device=cpu"))
-        cuda = _continuation(build_engine(f"quant={quant}", "quant.calib.dataset=builtin", "engine.device=cuda"))
+        cuda = _continuation(build_engine(f"quant={quant}", "quant.calib.dataset=builtin", "engine.device=cuda",
+                                          "model.dtype=bfloat16"))  # the kernels' dtype; tiny's own is float32
         assert (cpu.exp() * (cpu - cuda)).sum(-1).mean().item() < 2e-3, quant
