@@ -84,7 +84,10 @@ def run_job(spec: RunSpec, resolved_yaml: str, overrides: list[str], out_dir: Pa
     except Exception as e:  # any failure ends this run, never the sweep
         log.error("%s FAILED: %s: %s (traceback in the run's error.txt)", run_name(spec), type(e).__name__,
                   scrub(str(e)))
-        log_logs(tracker, run_id)
+        try:  # best effort: a full disk that failed the job fails this write too, and must not hide why
+            log_logs(tracker, run_id)
+        except OSError as err:
+            log.warning("run %s: no logs/ artifact (%s)", run_id, err)
         tracker.fail(run_id, e)
         return "FAILED"
     log_logs(tracker, run_id)
