@@ -69,42 +69,56 @@ def _quantizable(key: str) -> bool:
     return key.endswith("_proj.weight") and ".layers." in key
 
 
-def _awq(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+def _modelopt_quantize(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device, cfg: dict,
+                       act_bytes_per_token: int, what: str, passes: tuple[str, ...]) -> torch.nn.Module:
+    """The checkpoint through mtq.quantize(cfg) on the calibration windows, batched as the device fits
+    (act_bytes_per_token: the largest activations a forward keeps per token), one named bar per pass that
+    ModelOpt makes; its print()s go to the "modelopt" logger (the run's log, not the console)."""
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM
 
     from kvexp.quant.calib import calibration_batches, rows_that_fit
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    rows = rows_that_fit(device, spec.cfg.quant.calib.seq_len, act_bytes_per_token)
+    batches = calibration_batches(tokenizer, spec.cfg.quant.calib, batch_size=rows)
+    samples = sum(len(b) for b in batches)
+    log.info("%s on %d x %d tokens, %d per forward", what, samples, batches[0].shape[1], rows)
+    names = iter(passes)
+
+    def forward_loop(m):
+        # the backbone alone: calibration looks at the quantized linears' inputs, and the head (not quantized)
+        # would only add [rows, seq_len, vocab] logits
+        backbone = getattr(m, "base_model", m)
+        with torch.no_grad(), tqdm(total=samples, desc=next(names, "extra pass"), unit="sample") as bar:
+            for b in batches:
+                backbone(b.to(device))
+                bar.update(len(b))
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # ModelOpt print()s its steps ("Inserted 56 quantizers")
+        mtq.quantize(model, cfg, forward_loop)
+    for line in filter(None, printed.getvalue().splitlines()):
+        logging.getLogger("modelopt").info(line)
+    return model
+
+
+def _awq(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+    import modelopt.torch.quantization as mtq
+    from transformers import AutoConfig
 
     group = spec.cfg.quant.weights.group_size
     cfg = copy.deepcopy(mtq.INT4_AWQ_CFG)  # a private copy: ModelOpt's dicts are module globals
     for entry in cfg["quant_cfg"]:
         if entry.get("quantizer_name") == "*weight_quantizer":
             entry["cfg"]["block_sizes"][-1] = group
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    c = model.config
+    c = AutoConfig.from_pretrained(model_dir)
     # fp32 copies of a linear's input and output per AWQ scale candidate are the largest activations
-    rows = rows_that_fit(device, spec.cfg.quant.calib.seq_len, 4 * (8 * c.hidden_size + 12 * c.intermediate_size))
-    batches = calibration_batches(tokenizer, spec.cfg.quant.calib, batch_size=rows)
-    samples = sum(len(b) for b in batches)
-    log.info("AWQ calibration (ModelOpt INT4_AWQ_CFG, group %d) on %d x %d tokens, %d per forward", group,
-             samples, batches[0].shape[1], rows)
-    passes = iter(("1/2 activation statistics", "2/2 scale search"))
-
-    def forward_loop(m):  # ModelOpt calls it once per AWQ pass: statistics, then the scale search
-        # the backbone alone: AWQ looks at the quantized linears' inputs, and the head (not quantized) would
-        # only add [rows, seq_len, vocab] logits
-        backbone = getattr(m, "base_model", m)
-        with torch.no_grad(), tqdm(total=samples, desc=f"AWQ {next(passes, 'extra pass')}", unit="sample") as bar:
-            for b in batches:
-                backbone(b.to(device))
-                bar.update(len(b))
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # ModelOpt print()s its steps ("Inserted 56 quantizers"): the log's
-        mtq.quantize(model, cfg, forward_loop)
-    for line in filter(None, printed.getvalue().splitlines()):
-        logging.getLogger("modelopt").info(line)
+    model = _modelopt_quantize(spec, model_dir, tokenizer, device, cfg,
+                               4 * (8 * c.hidden_size + 12 * c.intermediate_size),
+                               f"AWQ calibration (ModelOpt INT4_AWQ_CFG, group {group})",
+                               ("AWQ 1/2 activation statistics", "AWQ 2/2 scale search"))
     state = export_int4(model, group)
     del model
     return state
@@ -126,30 +140,16 @@ def fp8_input_scales(spec: RunSpec, model_dir: Path, tokenizer, device: torch.de
 
 def _fp8_calibrate(spec: RunSpec, model_dir: Path, tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
     import modelopt.torch.quantization as mtq
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from kvexp.core.kernels.wq_matmul import E4M3_MAX
-    from kvexp.quant.calib import calibration_batches, rows_that_fit
 
     cfg = copy.deepcopy(mtq.FP8_DEFAULT_CFG)  # a private copy: ModelOpt's dicts are module globals
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    c = model.config
+    c = AutoConfig.from_pretrained(model_dir)
     # max calibration keeps no copies: a forward's own activations (hidden and MLP widths, fp32) bound it
-    rows = rows_that_fit(device, spec.cfg.quant.calib.seq_len, 4 * (4 * c.hidden_size + 2 * c.intermediate_size))
-    batches = calibration_batches(tokenizer, spec.cfg.quant.calib, batch_size=rows)
-    samples = sum(len(b) for b in batches)
-    log.info("FP8 activation calibration (ModelOpt FP8_DEFAULT_CFG) on %d x %d tokens, %d per forward", samples,
-             batches[0].shape[1], rows)
-
-    def forward_loop(m):  # the backbone alone, as for AWQ: the head is not quantized
-        backbone = getattr(m, "base_model", m)
-        with torch.no_grad(), tqdm(total=samples, desc="FP8 input amax", unit="sample") as bar:
-            for b in batches:
-                backbone(b.to(device))
-                bar.update(len(b))
-
-    mtq.quantize(model, cfg, forward_loop)
+    model = _modelopt_quantize(spec, model_dir, tokenizer, device, cfg,
+                               4 * (4 * c.hidden_size + 2 * c.intermediate_size),
+                               "FP8 activation calibration (ModelOpt FP8_DEFAULT_CFG)", ("FP8 input amax",))
     state = export_fp8_input_scales(model, E4M3_MAX)
     del model
     return state
