@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kvexp.errors import ConfigError, KvexpError
+from kvexp.evaluate import paired
 from kvexp.tracking import TAG, Tracker
 
 BASELINE = "fp16"
@@ -338,10 +339,15 @@ def plot_speed_vs_context(rows: list[Row], path: Path) -> Optional[Path]:
     return path
 
 
-def write_report(rows: list[Row], pool: list[Row], out_dir: Path, title: str) -> tuple[str, list[Path]]:
-    """compare.txt, compare.html and the PNGs into out_dir; (the terminal table, the files written)."""
+def write_report(rows: list[Row], pool: list[Row], out_dir: Path, title: str,
+                 tracker: Optional[Tracker] = None) -> tuple[str, list[Path]]:
+    """compare.txt, compare.html and the PNGs into out_dir; (the terminal table, the files written). With the
+    tracker, a table of paired differences too, from each run's per-document scores (kvexp.evaluate.paired)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tabs, notes = tables(rows, pool)
+    if tracker is not None and (found := paired.table(rows, baselines(rows, pool), tracker.read_text)):
+        tabs.append(Table(f"exact match vs {BASELINE} on the same documents: mean difference [95% interval] "
+                          "(documents better/worse)", LABELS + found[0], found[1]))
     text = render_text(tabs, notes)
     pngs = [p for p in (plot_quality_vs_memory(rows, out_dir / "quality_vs_memory.png"),
                         plot_speed_vs_context(rows, out_dir / "speed_vs_context.png")) if p]
@@ -367,7 +373,7 @@ def sweep_table(tracker: Tracker, sweep_id: str) -> str:
     if not rows:
         return f"kvexp: no job of sweep {sweep_id[:8]} ran to FINISHED (python -m kvexp.compare shows earlier runs)"
     with tempfile.TemporaryDirectory() as tmp:
-        text, files = write_report(rows, baseline_pool(tracker), Path(tmp), f"kvexp sweep {sweep_id[:8]}")
+        text, files = write_report(rows, baseline_pool(tracker), Path(tmp), f"kvexp sweep {sweep_id[:8]}", tracker)
         log_to_parent(tracker, sweep_id, files)
     return text
 
@@ -398,7 +404,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     label = sweep_id[:8] if sweep_id else "all"
     out = args.out or Path("outputs") / "compare" / label
     text, files = write_report(rows, baseline_pool(tracker), out,
-                               f"kvexp sweep {label}" if sweep_id else "kvexp runs")
+                               f"kvexp sweep {label}" if sweep_id else "kvexp runs", tracker)
     print(text)
     whole_sweep = sweep_id and not any((args.model, args.quant, args.engine, args.context))
     parent = log_to_parent(tracker, sweep_id, files) if whole_sweep else None  # a filtered view is not the sweep's
