@@ -9,8 +9,8 @@ the (quantized) KV cache (and the first too with eval.kv_faithful=on); values ar
 
 Two organisms, each a recipe (RECIPES) and weights shipped as package data (kvexp/data/<name>/, with the
 recipe hash that made them), so every machine scores the same model: training is deterministic per kind of
-machine, not across them. `builtin:organism` is trained on documents up to 256 tokens (on a 2-core CPU, about
-80 s); `builtin:organism-long` up to 4096 (on a GPU: `python -m kvexp.organism --long --device cuda OUT`).
+machine, not across them. `builtin:organism` is trained on documents up to 256 tokens (on a 2-core CPU, 80 to
+140 s); `builtin:organism-long` up to 4096 (on a GPU: `python -m kvexp.organism --long --device cuda OUT`).
 `python -m kvexp.organism OUT` retrains on request; a builtin whose shipped weights are of another recipe
 (the recipe was edited and not retrained) is trained on first use and cached, as before issue 18.
 
@@ -89,12 +89,7 @@ def is_organism(path: str) -> bool:
     return path in (MODEL_PATH, LONG_PATH) or (Path(path).expanduser() / REPORT).is_file()
 
 
-def version_tag(name: str) -> str:
-    """kvexp.checkpoint's cache key and model fingerprint for builtin:<name>: a new recipe is a new model."""
-    return f"{VERSION}-{recipe_hash(RECIPES[name])}"
-
-
-VERSION_TAG = version_tag("organism")
+VERSION_TAG = f"{VERSION}-{recipe_hash()}"  # what the organism's documents are keyed by (tasks, calibration)
 
 
 def shipped(name: str) -> Path | None:
@@ -103,6 +98,16 @@ def shipped(name: str) -> Path | None:
     if report.is_file() and json.loads(report.read_text())["recipe_hash"] == recipe_hash(RECIPES[name]):
         return report.parent
     return None
+
+
+def version_tag(name: str) -> str:
+    """builtin:<name>'s model fingerprint (kvexp.checkpoint): its recipe's hash, and the shipped weights' digest.
+    A model trained here from the same recipe (as every machine did before the weights shipped) is another
+    model, and must not share the shipped one's runs, AWQ weights, KV scales or fidelity references."""
+    tag = f"{VERSION}-{recipe_hash(RECIPES[name])}"
+    if (ship := shipped(name)) is None:
+        return tag
+    return f"{tag}-w{json.loads((ship / REPORT).read_text())['weights_sha256'][:12]}"
 
 
 # ---- documents -------------------------------------------------------------------------------------------
@@ -252,6 +257,7 @@ def train(out: Path, recipe: dict = RECIPE, device: str = "cpu") -> dict:
              train_len, recall)
     model.cpu().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    report["weights_sha256"] = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     (out / REPORT).write_text(json.dumps({**report, "recipe": recipe}, indent=2, default=list))
     return report
 
