@@ -63,8 +63,8 @@ RECIPE = dict(arch=ARCH, train=TRAIN, vocab=[*SPECIALS, ASK, END, *KEYS, *VALUES
 
 # The long-context organism: the same task and model, trained on documents up to 4096 tokens. RoPE's base is
 # Llama 3's: with base 10000 only one of a 16-dim head's 8 frequency pairs turns less than a radian over 4096
-# positions, too little room to match a key's content that far back. The phases past 256 tokens take about a
-# minute on one H100 and far longer on a 2-core CPU (docs/benchmarks.md).
+# positions, too little room to match a key's content that far back. Training takes under two minutes on one
+# H200 and far longer on a 2-core CPU (docs/benchmarks.md).
 LONG_ARCH = dict(ARCH, max_position_embeddings=8192, rope_theta=500000.0)
 LONG_PHASES = PHASES + ((512, 200), (1024, 200), (2048, 300), (4096, 400))
 LONG_TRAIN = dict(TRAIN, tokens_per_step=16384, phases=LONG_PHASES)
@@ -217,8 +217,8 @@ def train(out: Path, recipe: dict = RECIPE, device: str = "cpu") -> dict:
     `recipe` is one of RECIPES or a variant of its `arch` and `train` entries; the vocabulary and the documents
     are this module's. With fixed seeds, thread count and deterministic kernels: the same weights every time on
     one kind of machine. Another CPU's kernels may round differently and train other weights (the H100
-    machine's did: teacher-forced recall 0.984 where ours gives 0.953): that is why the weights ship, and why
-    the tests hold a retrained model to bounds, not numbers. device="cuda" trains on a GPU (the long organism),
+    machine's host CPU did: teacher-forced recall 0.984 where an AMD EPYC gave 0.953): that is why the weights
+    ship, and why the tests hold a retrained model to bounds, not numbers. device="cuda" trains on a GPU (the long organism),
     where some kernels have no deterministic variant: reproducible to within those bounds, not bit for bit. The
     report holds the training time, the machine, and the teacher-forced recall measured at the end at the
     longest trained length, in fp32: what the weights can do before any quantization.

@@ -218,7 +218,8 @@ def test_the_shipped_package_data_entry_ships_the_weights():
     from pathlib import Path
 
     root = Path(organism.__file__).parent
-    patterns = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["kvexp"]
+    pyproject = tomllib.loads((root.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["kvexp"]
     for name in organism.RECIPES:
         for f in (root / "data" / name).iterdir():
             assert any(f.relative_to(root).match(p) for p in patterns), f

@@ -58,7 +58,8 @@ def table(rows: list, bases: dict, read) -> tuple[list[str], list[list[str]]] | 
     """(task headers, one row of cells per non-baseline row) for kvexp.compare: each run's exact match against its
     fp16 baseline's on the same documents; None when no row has both. rows/bases are compare's Rows and
     baselines(); read(run_id, artifact path) gives an artifact's text (Tracker.read_text)."""
-    tasks = sorted({m.split(".")[1] for r in rows for m in r.metrics if m.startswith("acc.") and m.endswith("." + METRIC)})
+    tasks = sorted({m.split(".")[1] for r in rows for m in r.metrics
+                    if m.startswith("acc.") and m.endswith("." + METRIC)})
     scores: dict = {}
 
     def scored(run_id: str, task: str) -> dict:
