@@ -331,7 +331,7 @@ def quoted(tmp_path_factory) -> dict[str, list[str]]:
 @pytest.mark.parametrize("table, doc", [("short", "docs/benchmarks.md"), ("long", "docs/benchmarks.md"),
                                         ("readme", "README.md")])
 def test_the_docs_quote_the_shipped_organisms_numbers_to_the_digit(quoted, table, doc):
-    """CI recomputes what the docs quote (no training; 16 runs, 5.5 min on the shared 2-core CPU at load 5-6): a
+    """CI recomputes what the docs quote (no training; 16 runs, 3-6 min on the shared 2-core CPU): a
     change in the weights, the documents, the engine's arithmetic or the scoring that moves any number fails
     here. Run with -s to print the tables."""
     from pathlib import Path
