@@ -2,8 +2,8 @@
 
 Builtins are created deterministically on first use and cached, so the whole pipeline runs with no network:
 `builtin:tiny` is a tiny random-weight Llama with a byte-level BPE tokenizer trained on text shipped with
-kvexp; `builtin:organism` is a tiny Llama trained on the spot to recall what its context holds
-(kvexp/organism.py), the one offline model whose accuracy means something.
+kvexp; `builtin:organism` and `builtin:organism-long` are tiny Llamas trained to recall what their context holds
+(kvexp/organism.py), shipped with kvexp: the offline models whose accuracy means something.
 """
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ BUILTIN_PREFIX = "builtin:"
 BUILTINS = {
     "tiny": dict(version=1, vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32768),
-    # Trained on first use (about 80 s on a 2-core CPU); its version carries its training recipe's hash.
-    "organism": dict(version=organism.VERSION_TAG, max_position_embeddings=organism.ARCH["max_position_embeddings"]),
+    # Shipped (kvexp/data/<name>/); each version carries its training recipe's hash.
+    **{name: dict(version=organism.version_tag(name), organism=name,
+                  max_position_embeddings=recipe["arch"]["max_position_embeddings"])
+       for name, recipe in organism.RECIPES.items()},
 }
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
 
@@ -179,6 +181,8 @@ def _builtin(name: str, cache_dir: Path) -> Path:
     """The builtin's directory, made once (parallel jobs wait for the one that makes it; a Ctrl-C mid-training
     leaves nothing) and checked against its manifest at every use."""
     recipe = BUILTINS[name]
+    if name in organism.RECIPES and (shipped := organism.shipped(name)) is not None:
+        return shipped
     target = cache_dir / "models" / f"{name}-v{recipe['version']}"
     return artifacts.cached(target, f"builtin:{name}", lambda tmp: MAKERS[name](tmp, recipe), lambda p: p)[0]
 
@@ -211,9 +215,12 @@ def _make_tiny(out: Path, recipe: dict) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _train_organism(out: Path, _: dict) -> None:  # its recipe is kvexp.organism's
-    log.info("builtin:organism: training it (once; about 80 s on a 2-core CPU), then cached in %s", out.parent)
-    organism.train(out)
+def _train_organism(out: Path, builtin: dict) -> None:
+    """Only when the shipped weights are of another recipe than kvexp.organism's (it was edited, not retrained)."""
+    name = builtin["organism"]
+    log.warning("builtin:%s: its shipped weights are of another recipe; training this one (once, on the CPU), then "
+                "cached in %s", name, out.parent)
+    organism.train(out, organism.RECIPES[name])
 
 
-MAKERS = {"tiny": _make_tiny, "organism": _train_organism}
+MAKERS = {"tiny": _make_tiny, **dict.fromkeys(organism.RECIPES, _train_organism)}

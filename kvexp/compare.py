@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from kvexp.errors import ConfigError, KvexpError
+from kvexp.evaluate import paired
 from kvexp.tracking import TAG, Tracker
 
 BASELINE = "fp16"
@@ -445,14 +446,22 @@ def plot_speed_vs_context(rows: list[Row], path: Path) -> Optional[Path]:
     return path
 
 
-def write_report(rows: list[Row], pool: list[Row], out_dir: Path, title: str) -> tuple[str, list[Path]]:
-    """compare.txt, compare.html and the PNGs into out_dir; (the terminal table, the files written)."""
+def write_report(rows: list[Row], pool: list[Row], out_dir: Path, title: str,
+                 tracker: Optional[Tracker] = None) -> tuple[str, list[Path]]:
+    """compare.txt, compare.html and the PNGs into out_dir; (the terminal table, the files written). With the
+    tracker, a table of paired differences too, from each run's per-document scores (kvexp.evaluate.paired)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = render_text(*tables(rows, pool, full=False))
+    paired_tabs = []
+    if tracker is not None and (found := paired.table(rows, baselines(rows, pool), tracker.read_text)):
+        paired_tabs.append(Table(f"exact match vs {BASELINE} on the same documents: mean difference [95% interval] "
+                                 "(documents better/worse)", LABELS + found[0], found[1]))
+    tabs, notes = tables(rows, pool, full=False)
+    text = render_text(tabs + paired_tabs, notes)
     pngs = [p for p in (plot_quality_vs_memory(rows, out_dir / "quality_vs_memory.png"),
                         plot_speed_vs_context(rows, out_dir / "speed_vs_context.png")) if p]
     (out_dir / "compare.txt").write_text(text + "\n")
-    (out_dir / "compare.html").write_text(render_html(title, *tables(rows, pool), pngs))
+    tabs, notes = tables(rows, pool)
+    (out_dir / "compare.html").write_text(render_html(title, tabs + paired_tabs, notes, pngs))
     return text, [out_dir / "compare.txt", out_dir / "compare.html", *pngs]
 
 
@@ -473,7 +482,7 @@ def sweep_table(tracker: Tracker, sweep_id: str, skipped_to: list = ()) -> str:
     if not rows:
         return f"kvexp: no job of sweep {sweep_id[:8]} ran to FINISHED (python -m kvexp.compare shows earlier runs)"
     with tempfile.TemporaryDirectory() as tmp:
-        text, files = write_report(rows, baseline_pool(tracker), Path(tmp), f"kvexp sweep {sweep_id[:8]}")
+        text, files = write_report(rows, baseline_pool(tracker), Path(tmp), f"kvexp sweep {sweep_id[:8]}", tracker)
         log_to_parent(tracker, sweep_id, files)
     return text
 
@@ -504,7 +513,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     label = sweep_id[:8] if sweep_id else "all"
     out = args.out or Path("outputs") / "compare" / label
     text, files = write_report(rows, baseline_pool(tracker), out,
-                               f"kvexp sweep {label}" if sweep_id else "kvexp runs")
+                               f"kvexp sweep {label}" if sweep_id else "kvexp runs", tracker)
     print(text)
     whole_sweep = sweep_id and not any((args.model, args.quant, args.engine, args.context))
     parent = log_to_parent(tracker, sweep_id, files) if whole_sweep else None  # a filtered view is not the sweep's

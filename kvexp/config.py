@@ -92,8 +92,9 @@ class EvalConfig:
     limits: dict[str, int] = field(default_factory=dict)  # per task, over limit (eval=default sizes each task)
     num_fewshot: int = 0
     batch_size: int = 8
-    # Score continuations by decoding them against the (quantized) cache; auto = on when the KV cache is
-    # quantized. One-pass scoring never reads the cache, so it hides KV quantization (DESIGN.md).
+    # Score continuations by decoding them against the (quantized) cache, and decode a generation's first token
+    # from it too (Engine.generate_from_cache); auto = on when the KV cache is quantized. One-pass scoring never
+    # reads the cache, so it hides KV quantization (DESIGN.md).
     kv_faithful: str = "auto"  # auto | on | off
     seed: int = 1234
     fidelity: FidelityConfig = field(default_factory=FidelityConfig)

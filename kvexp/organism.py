@@ -1,12 +1,18 @@
-"""The model organism (issue 8): a 2-layer model trained on the spot to recall what its context holds.
+"""The model organisms (issues 8, 18): 2-layer models trained to recall what their context holds, shipped.
 
 With no Hub access every model kvexp can load has random weights, and accuracy deltas between quantization
-settings mean nothing. This model is trained in about 80 s on a 2-core CPU, always the CPU (once; cached by
-kvexp.checkpoint as `builtin:organism`) on multi-query associative recall (MQAR, Arora et al. 2023,
+settings mean nothing. These models are trained on multi-query associative recall (MQAR, Arora et al. 2023,
 arXiv:2312.04927): records `k07: 17 04 88 .` hidden among filler words, then `?` and some of the records'
 keys again, each followed by its value. One record in filler is the passkey test (Mohtashami & Jaggi 2023).
 Answering reads the record back through attention, so at decode every answer token after the first reads
-the (quantized) KV cache; values are three words, so two of the three are decoded.
+the (quantized) KV cache (and the first too with eval.kv_faithful=on); values are three words.
+
+Two organisms, each a recipe (RECIPES) and weights shipped as package data (kvexp/data/<name>/, with the
+recipe hash that made them), so every machine scores the same model: training is deterministic per kind of
+machine, not across them. `builtin:organism` is trained on documents up to 256 tokens (on a 2-core CPU, 80 to
+140 s); `builtin:organism-long` up to 4096 (on a GPU: `python -m kvexp.organism --long --device cuda OUT`).
+`python -m kvexp.organism OUT` retrains on request; a builtin whose shipped weights are of another recipe
+(the recipe was edited and not retrained) is trained on first use and cached, as before issue 18.
 
 The task is solved by an induction circuit (Olsson et al. 2022): a previous-token head in layer 0 and a
 head in layer 1 that finds where the current word occurred before and copies the word after it. Every value
@@ -54,6 +60,16 @@ TRAIN = dict(seed=0, threads=2, lr=2e-3, min_lr=0.1, warmup=50, weight_decay=0.0
              passkey_frac=0.1, aux_steps=300, aux_weight=0.1, tokens_per_step=2048, max_batch=32, phases=PHASES)
 TRAIN_LEN = PHASES[-1][0]  # the longest documents trained on: beyond it is out of the training range
 RECIPE = dict(arch=ARCH, train=TRAIN, vocab=[*SPECIALS, ASK, END, *KEYS, *VALUES, *FILLER], value_len=VALUE_LEN)
+
+# The long-context organism: the same task and model, trained on documents up to 4096 tokens. RoPE's base is
+# Llama 3's: with base 10000 only one of a 16-dim head's 8 frequency pairs turns less than a radian over 4096
+# positions, too little room to match a key's content that far back. Training takes under two minutes on one
+# H200 and far longer on a 2-core CPU (docs/benchmarks.md).
+LONG_ARCH = dict(ARCH, max_position_embeddings=8192, rope_theta=500000.0)
+LONG_PHASES = PHASES + ((512, 200), (1024, 200), (2048, 300), (4096, 400))
+LONG_TRAIN = dict(TRAIN, tokens_per_step=16384, phases=LONG_PHASES)
+LONG_RECIPE = dict(RECIPE, arch=LONG_ARCH, train=LONG_TRAIN)
+RECIPES = {"organism": RECIPE, "organism-long": LONG_RECIPE}  # builtin name -> recipe
 VERSION = 1  # bump when anything not in RECIPE changes what is trained (the data generators, the loop)
 
 
@@ -63,13 +79,35 @@ def recipe_hash(recipe: dict = RECIPE) -> str:
 
 
 MODEL_PATH = "builtin:organism"
+LONG_PATH = "builtin:organism-long"
 REPORT = "organism.json"  # written beside the weights: what marks a checkpoint dir as an organism
+SHIPPED = Path(__file__).parent / "data"  # SHIPPED/<name>/: the weights every machine scores
 
 
 def is_organism(path: str) -> bool:
-    """builtin:organism, or a directory holding one (kvexp's cache copy, or a copy of it)."""
-    return path == MODEL_PATH or (Path(path).expanduser() / REPORT).is_file()
-VERSION_TAG = f"{VERSION}-{recipe_hash()}"  # kvexp.checkpoint's cache key: a new recipe trains a new model
+    """builtin:organism(-long), or a directory holding one (shipped, kvexp's cache copy, or a copy of it)."""
+    return path in (MODEL_PATH, LONG_PATH) or (Path(path).expanduser() / REPORT).is_file()
+
+
+VERSION_TAG = f"{VERSION}-{recipe_hash()}"  # what the organism's documents are keyed by (tasks, calibration)
+
+
+def shipped(name: str) -> Path | None:
+    """The shipped weights of builtin:<name>, when they were trained from its recipe as it stands."""
+    report = SHIPPED / name / REPORT
+    if report.is_file() and json.loads(report.read_text())["recipe_hash"] == recipe_hash(RECIPES[name]):
+        return report.parent
+    return None
+
+
+def version_tag(name: str) -> str:
+    """builtin:<name>'s model fingerprint (kvexp.checkpoint): its recipe's hash, and the shipped weights' digest.
+    A model trained here from the same recipe (as every machine did before the weights shipped) is another
+    model, and must not share the shipped one's runs, AWQ weights, KV scales or fidelity references."""
+    tag = f"{VERSION}-{recipe_hash(RECIPES[name])}"
+    if (ship := shipped(name)) is None:
+        return tag
+    return f"{tag}-w{json.loads((ship / REPORT).read_text())['weights_sha256'][:12]}"
 
 
 # ---- documents -------------------------------------------------------------------------------------------
@@ -173,16 +211,20 @@ def build_tokenizer():
 
 
 # ---- training --------------------------------------------------------------------------------------------
-def train(out: Path, recipe: dict = RECIPE) -> dict:
-    """Train the organism and save it to `out` (safetensors, tokenizer, organism.json); returns the report.
+def train(out: Path, recipe: dict = RECIPE, device: str = "cpu") -> dict:
+    """Train an organism and save it to `out` (safetensors, tokenizer, organism.json); returns the report.
 
-    `recipe` is RECIPE or a variant of its `arch` and `train` entries; the vocabulary and the documents are
-    this module's. Always on the CPU, with fixed seeds, thread count and deterministic kernels: the same
-    weights every time on one kind of machine, GPU or not. Another CPU's kernels may round differently and
-    train other weights (the H100 machine's did: teacher-forced recall 0.984 where ours gives 0.953), so the
-    tests assert bounds that held across training seeds, not numbers. The report holds the training time and the teacher-forced recall measured at the
-    end at the longest trained length, in fp32: what the weights can do before any quantization.
+    `recipe` is one of RECIPES or a variant of its `arch` and `train` entries; the vocabulary and the documents
+    are this module's. With fixed seeds, thread count and deterministic kernels: the same weights every time on
+    one kind of machine. Another CPU's kernels may round differently and train other weights (the H100
+    machine's host CPU did: teacher-forced recall 0.984 where an AMD EPYC gave 0.953): that is why the weights
+    ship, and why the tests hold a retrained model to bounds, not numbers. device="cuda" trains on a GPU (the long organism),
+    where some kernels have no deterministic variant: reproducible to within those bounds, not bit for bit. The
+    report holds the training time, the machine, and the teacher-forced recall measured at the end at the
+    longest trained length, in fp32: what the weights can do before any quantization.
     """
+    import platform
+
     import torch
     from tqdm import tqdm
 
@@ -192,8 +234,8 @@ def train(out: Path, recipe: dict = RECIPE) -> dict:
     ids = {word: i for i, word in enumerate(recipe["vocab"])}
     rng = random.Random(f"organism:{t['seed']}")  # str seeds hash with sha512: the same on every platform
     start = time.perf_counter()
-    with _deterministic(t["threads"], t["seed"]):
-        model = _new_model(recipe, tokenizer)
+    with _deterministic(t["threads"], t["seed"], device):
+        model = _new_model(recipe, tokenizer).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=(0.9, 0.98), weight_decay=t["weight_decay"])
         total = sum(n for _, n in t["phases"])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, total, t))
@@ -201,17 +243,21 @@ def train(out: Path, recipe: dict = RECIPE) -> dict:
             for length, steps in t["phases"]:
                 batch = max(1, min(t["max_batch"], t["tokens_per_step"] // length))
                 for _ in range(steps):
-                    loss = _step(model, opt, sched, _batch(rng, ids, batch, length, t), t, bar.n)
+                    x, y = _batch(rng, ids, batch, length, t)
+                    loss = _step(model, opt, sched, (x.to(device), y.to(device)), t, bar.n)
                     bar.update()
                     bar.set_postfix(length=length, loss=f"{loss:.3f}", refresh=False)
         model.set_attn_implementation("sdpa")
         recall = teacher_forced_recall(model.eval(), ids, train_len, n=64, seed=t["seed"])
+    machine = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor() or "cpu"
     report = {"recipe_hash": recipe_hash(recipe), "train_s": time.perf_counter() - start,
-              "recall_at_train_len": recall, "train_len": train_len}
-    log.info("builtin:organism trained in %.0f s; teacher-forced recall at %d tokens: %.3f", report["train_s"],
+              "recall_at_train_len": recall, "train_len": train_len, "device": machine,
+              "torch": torch.__version__}
+    log.info("organism trained in %.0f s; teacher-forced recall at %d tokens: %.3f", report["train_s"],
              train_len, recall)
-    model.save_pretrained(out, safe_serialization=True)
+    model.cpu().save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    report["weights_sha256"] = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     (out / REPORT).write_text(json.dumps({**report, "recipe": recipe}, indent=2, default=list))
     return report
 
@@ -251,16 +297,18 @@ def _previous_token_loss(attn):
 
 
 @contextlib.contextmanager
-def _deterministic(threads: int, seed: int):
+def _deterministic(threads: int, seed: int, device: str = "cpu"):
     """Fixed seed, thread count and deterministic kernels for the duration; the caller's settings after."""
     import torch
 
     old = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     # CPU matmuls split work by thread count, so the same weights need the same count, not just the seed.
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
+    # On CUDA, attention's backward has no deterministic kernel: warn rather than refuse (see train)
+    torch.use_deterministic_algorithms(True, warn_only=device != "cpu")
     try:
-        with torch.random.fork_rng(devices=[]):  # the CPU generator only: the only one seeded here
+        # the model is initialised on the CPU, so the CPU generator is the only one that needs the seed
+        with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             yield
     finally:
@@ -302,7 +350,30 @@ def teacher_forced_recall(model, ids: dict[str, int], length: int, n: int, seed:
     import torch
 
     docs = [eval_doc(random.Random(f"organism-check:{seed}:{i}"), length, i) for i in range(n)]
-    x = torch.tensor([[ids[w] for w in prompt + answer] for prompt, answer in docs])
-    with torch.no_grad():
-        pred = model(x).logits[:, -VALUE_LEN - 1:-1].argmax(-1)
+    x = torch.tensor([[ids[w] for w in prompt + answer] for prompt, answer in docs], device=model.device)
+    with torch.no_grad():  # 8 documents at a time: full-vocabulary logits of 64 long ones would not fit a small GPU
+        pred = torch.cat([model(b).logits[:, -VALUE_LEN - 1:-1].argmax(-1) for b in x.split(8)])
     return (pred == x[:, -VALUE_LEN:]).all(-1).float().mean().item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m kvexp.organism [--long] [--seed N] [--device cpu|cuda] OUT: retrain an organism into OUT."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kvexp.organism", description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--long", action="store_true", help="builtin:organism-long's recipe (default: organism's)")
+    parser.add_argument("--seed", type=int, default=None, help="training seed (default: the recipe's)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    recipe = RECIPES["organism-long" if args.long else "organism"]
+    if args.seed is not None:
+        recipe = dict(recipe, train=dict(recipe["train"], seed=args.seed))
+    args.out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(json.dumps(train(args.out, recipe, args.device)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

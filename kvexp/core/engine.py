@@ -6,6 +6,7 @@ exposes its tokenizer), so lm-eval, fidelity and the benchmark all drive every e
 from __future__ import annotations
 
 import dataclasses
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Sequence
@@ -18,6 +19,7 @@ from kvexp.errors import ConfigError, UnsupportedConfig
 if TYPE_CHECKING:
     from kvexp.config import RunSpec
 
+log = logging.getLogger(__name__)
 Request = tuple[Sequence[int], Sequence[int]]  # (context ids, continuation ids)
 
 
@@ -140,6 +142,16 @@ class Engine(ABC):
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Generations:
         """Greedy decode of max_new_tokens per prompt (no early stop, so timings are comparable)."""
+
+    def generate_from_cache(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Generations:
+        """generate(), but the last prompt token is decoded against the cache too, so every new token is predicted
+        from K/V read back from the (quantized) cache; generate() predicts the first over the prefill's
+        full-precision K/V. What eval.kv_faithful means for generation tasks. An engine without it generates."""
+        if not getattr(self, "_warned_from_cache", False):
+            log.warning("engine=%s cannot decode the prompt's last token from the cache: eval.kv_faithful generations "
+                        "predict their first token at the end of the prefill", self.name)
+            self._warned_from_cache = True
+        return self.generate(prompts, max_new_tokens)
 
     @abstractmethod
     def continuation_logprobs(self, requests: Sequence[Request], *, kv_faithful: bool) -> list[torch.Tensor]:

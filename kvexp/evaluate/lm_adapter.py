@@ -136,6 +136,8 @@ class KvexpLM(TemplateLM):
         groups: dict[int, list[int]] = defaultdict(list)
         for i, (max_new, _) in enumerate(args):
             groups[max_new].append(i)
+        # kv_faithful: every new token read from the cache, the first included (Engine.generate_from_cache)
+        generate = self.engine.generate_from_cache if self.kv_faithful else self.engine.generate
         out: list = [None] * len(requests)
         with tqdm(total=len(requests), disable=disable_tqdm, desc="kvexp generate_until") as bar:
             for max_new, members in groups.items():
@@ -146,7 +148,7 @@ class KvexpLM(TemplateLM):
                                 cut, keep)
                 for batch in sorted_batches([len(prompts[i]) for i in members], self.batch_size):
                     idx = [members[j] for j in batch]
-                    gens = self.engine.generate([prompts[i][-keep:] for i in idx], max_new)
+                    gens = generate([prompts[i][-keep:] for i in idx], max_new)
                     for i, tokens in zip(idx, gens.tokens):
                         out[i] = self._cut(list(tokens), args[i][1])
                     bar.update(len(idx))

@@ -192,8 +192,14 @@ class TorchEngine(Engine):
         return time.perf_counter()
 
     # ---- generation ----
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Generations:
+        return self._generate(prompts, max_new_tokens, from_cache=False)
+
+    def generate_from_cache(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> Generations:
+        return self._generate(prompts, max_new_tokens, from_cache=True)
+
+    @torch.inference_mode()
+    def _generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, from_cache: bool) -> Generations:
         tokens, lens = self._padded(prompts)
         total = int(lens.max()) + max_new_tokens
         if total > self.max_seq_len:
@@ -202,12 +208,16 @@ class TorchEngine(Engine):
         t0 = self._sync()
         zeros = torch.zeros_like(lens)
         hidden = self.model(tokens, zeros, loop.cache, "prefill")
-        last = hidden[torch.arange(len(prompts), device=self.device), lens - 1]
-        first = self.model.logits(last).argmax(-1)
-        t1 = self._sync()
-        out = loop.run(first, lens, max_new_tokens - 1)
+        rows = torch.arange(len(prompts), device=self.device)
+        if from_cache:  # one decode step more: the last prompt token again, its K/V rewritten, the cache read back
+            t1, steps = self._sync(), max_new_tokens
+            out = loop.run(tokens[rows, lens - 1], lens - 1, steps)[:, 1:]
+        else:
+            first = self.model.logits(hidden[rows, lens - 1]).argmax(-1)
+            t1, steps = self._sync(), max_new_tokens - 1
+            out = loop.run(first, lens, steps)
         t2 = self._sync()
-        return Generations(tokens=out.tolist(), prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=max_new_tokens - 1)
+        return Generations(tokens=out.tolist(), prefill_s=t1 - t0, decode_s=t2 - t1, decode_steps=steps)
 
     def _decode_loop(self, batch: int, max_len: int) -> DecodeLoop:
         """One cache (and captured graph) reused while the shape repeats: benchmarks call generate many times."""
