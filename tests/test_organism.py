@@ -368,7 +368,7 @@ def test_experiment_organism_sweeps_through_hydra_and_tracks_recall(in_tmp):
     proc = kvexp_run(in_tmp, "-m", "experiment=organism", "quant=fp16,int8kv,int4kv_static",
                      "context.prompt_len=256", "eval.limit=40")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "3 finished, 0 failed, 0 skipped" in proc.stdout and "kvexp_recall.exact_match" in proc.stdout
+    assert "3 finished, 0 failed, 0 skipped" in proc.stdout and "kvexp_recall exact_match" in proc.stdout  # its column
     paired = proc.stdout[proc.stdout.index("exact match vs fp16 on the same documents"):]
     assert "int4kv_static" in paired and "of 40)" in paired
     children = {r.data.tags[TAG + "quant"]: r for r in runs_in(in_tmp) if r.data.tags.get(TAG + "sweep") != "true"}
