@@ -78,6 +78,11 @@ FIXED = [
 # bench.profile runs only: where a decode step's time goes (kvexp/bench/profile.py)
 PROFILE = [Column(f"decode {kind}", f"prof.decode_{kind}_frac", lambda v: f"{100 * v:.1f}%", False)
            for kind in ("attention", "matmul", "elementwise")]
+# where a job's wall time went, in seconds (kvexp.job's stages; calibration is part of build): the HTML report
+TIMES = [Column(stage, f"time.{stage}_s", lambda v: f"{v:.1f}", True)
+         for stage in ("model", "reference", "build", "fidelity", "accuracy", "bench", "profile")] + [
+    Column("calibration", "quant.calib_s", lambda v: f"{v:.1f}", True),
+    Column("KV calibration", "quant.kv_calib_s", lambda v: f"{v:.1f}", True)]
 LABELS = ["model", "quant", "context", "engine", "hash"]
 
 
@@ -302,8 +307,10 @@ def tables(rows: list[Row], pool: list[Row], full: bool = True) -> tuple[list[Ta
     bases = baselines(rows, pool)
     profiled = [c for c in PROFILE if any(c.metric in r.metrics for r in rows)]
     acc = acc_columns(rows, main_only=not full)
+    timed = [c for c in TIMES if full and any(c.metric in r.metrics for r in rows)]
     groups = [("accuracy (lm-eval, ±stderr)" + ("" if full else ": each task's main metric"), acc),
-              ("fidelity vs fp16, speed, memory", FIXED), ("decode time by kernel class (bench.profile)", profiled)]
+              ("fidelity vs fp16, speed, memory", FIXED), ("decode time by kernel class (bench.profile)", profiled),
+              ("wall time by stage, s (calibration is part of build)", timed)]
     out = [Table(title, LABELS + [c.header for c in cols],
                  [row.labels + [cell(c, row, bases.get(row.config_hash)) for c in cols] for row in rows])
            for title, cols in groups if cols]

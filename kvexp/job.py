@@ -1,6 +1,9 @@
-"""One job of a sweep: a tracked run through the stages build -> fidelity -> accuracy -> bench.
+"""One job of a sweep: a tracked run through the stages model -> reference -> build -> fidelity -> accuracy -> bench
+-> profile.
 
-Each stage's metrics are logged as soon as it ends, so a later failure loses nothing already measured.
+Each stage's metrics are logged as soon as it ends, with its wall time as time.<stage>_s (model: the checkpoint's
+download, checksum or first-use training; build includes calibration, also logged as quant.calib_s), so a later
+failure loses nothing already measured.
 A failing job ends its run FAILED with the traceback as an artifact and returns; the sweep goes on. Ctrl-C ends
 it KILLED. A run left RUNNING by a killed process is marked KILLED by the next job with its config hash, which
 then runs it again.
@@ -10,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
 
 from kvexp.bench import perf, profile
+from kvexp.checkpoint import resolve_model
 from kvexp.config import RunSpec, canonical
 from kvexp.core import memory
 from kvexp.engines import engine_class
@@ -27,7 +32,7 @@ PARENT_ENV = "KVEXP_PARENT_RUN_ID"  # set by the sweep's entry point; jobs (in a
 SWEEP_ENV = "KVEXP_SWEEP_ID"
 JOBS_ENV = "KVEXP_SWEEP_JOBS"
 STAGE_TAG = TAG + "stage"  # the stage a job is in: a FAILED or KILLED run's says where it stopped
-LOADING_STAGES = ("reference", "build")  # the stages that read model.path's files
+LOADING_STAGES = ("model", "reference", "build")  # the stages that read model.path's files
 
 
 class ConsoleFilter(logging.Filter):
@@ -104,55 +109,65 @@ def log_logs(tracker: Tracker, run_id: str) -> None:
             tracker.log_artifact(run_id, path, "logs")
 
 
-def stage(tracker: Tracker, run_id: str, name: str, text: str = "") -> None:
+@contextmanager
+def stage(tracker: Tracker, run_id: str, name: str, text: Optional[str] = ""):
+    """Tag the run with the stage it is in, say so on the console (text None: quietly; "" says the name), and log
+    the stage's wall time as time.<name>_s once it ends."""
     tracker.set_tags(run_id, {STAGE_TAG: name})
-    prefix = os.environ.get(JOBS_ENV, "")
-    log.info("%s%s", f"[{prefix}] " if prefix else "", text or name)
+    if text is not None:
+        prefix = os.environ.get(JOBS_ENV, "")
+        log.info("%s%s", f"[{prefix}] " if prefix else "", text or name)
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    log.debug("%s done in %.1f s", name, seconds)
+    tracker.log_metrics(run_id, {f"time.{name}_s": seconds})
 
 
 def execute(spec: RunSpec, tracker: Tracker, run_id: str, out_dir: Path) -> None:
     cfg = spec.cfg
     memory.reset_peak(spec.build.torch_device)  # this job's peak, not the process's (earlier jobs ran here too)
+    with stage(tracker, run_id, "model", None):  # later stages find the files in place
+        resolve_model(spec)
     ref = None
     if cfg.eval.fidelity.enabled and not fidelity.is_reference(spec):
-        # before the run's engine: one model on the device at a time
-        tracker.set_tags(run_id, {STAGE_TAG: "reference"})  # fidelity says so when it computes one
-        ref = fidelity.reference(spec)
+        # before the run's engine: one model on the device at a time; fidelity says so when it computes one
+        with stage(tracker, run_id, "reference", None):
+            ref = fidelity.reference(spec)
     engine = engine_class(spec.engine_options.name)(spec)
     try:
-        stage(tracker, run_id, "build", f"build {run_name(spec)}")
-        info = engine.build()
-        tracker.log_metrics(run_id, {"build.s": info.build_s, **info.metrics})
+        with stage(tracker, run_id, "build", f"build {run_name(spec)}"):
+            info = engine.build()
+            tracker.log_metrics(run_id, {"build.s": info.build_s, **info.metrics})
         if cfg.eval.fidelity.enabled:
-            stage(tracker, run_id, "fidelity", "fidelity vs fp16")
-            obs = fidelity.observe(engine, spec)
-            if ref is None:
-                ref = fidelity.save_reference(spec, obs)
-            tracker.log_metrics(run_id, fidelity.compare(ref, obs))
+            with stage(tracker, run_id, "fidelity", "fidelity vs fp16"):
+                obs = fidelity.observe(engine, spec)
+                if ref is None:
+                    ref = fidelity.save_reference(spec, obs)
+                tracker.log_metrics(run_id, fidelity.compare(ref, obs))
         if cfg.eval.tasks:
             from kvexp.evaluate.accuracy import evaluate_accuracy
 
-            stage(tracker, run_id, "accuracy", f"accuracy: lm-eval {', '.join(cfg.eval.tasks)}")
-            acc_dir = out_dir / "lm_eval"
-            acc_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                tracker.log_metrics(run_id, evaluate_accuracy(engine, spec, acc_dir))
-            finally:
-                tracker.log_artifact(run_id, acc_dir, "lm_eval")
-        if cfg.bench.enabled:
-            stage(tracker, run_id, "bench")
-            start = time.perf_counter()
-            tracker.log_metrics(run_id, perf.measure(engine, spec))
-            log.info("bench done in %.1f s", time.perf_counter() - start)
-            prompts = perf.bench_prompts(engine, cfg.bench.batch_size, cfg.context.prompt_len, cfg.seed)
-            tracker.log_metrics(run_id, engine.external_bench(prompts, cfg.context.gen_len, out_dir / "external_bench"))
-            if cfg.bench.profile != "none":
-                stage(tracker, run_id, "profile")
-                prof_dir = out_dir / "profile"
+            with stage(tracker, run_id, "accuracy", f"accuracy: lm-eval {', '.join(cfg.eval.tasks)}"):
+                acc_dir = out_dir / "lm_eval"
+                acc_dir.mkdir(parents=True, exist_ok=True)
                 try:
-                    tracker.log_metrics(run_id, profile.profile_run(engine, spec, prof_dir))
+                    tracker.log_metrics(run_id, evaluate_accuracy(engine, spec, acc_dir))
                 finally:
-                    if prof_dir.exists():
-                        tracker.log_artifact(run_id, prof_dir, "profile")
+                    tracker.log_artifact(run_id, acc_dir, "lm_eval")
+        if cfg.bench.enabled:
+            with stage(tracker, run_id, "bench"):
+                tracker.log_metrics(run_id, perf.measure(engine, spec))
+                prompts = perf.bench_prompts(engine, cfg.bench.batch_size, cfg.context.prompt_len, cfg.seed)
+                tracker.log_metrics(run_id, engine.external_bench(prompts, cfg.context.gen_len,
+                                                                  out_dir / "external_bench"))
+            if cfg.bench.profile != "none":
+                with stage(tracker, run_id, "profile"):
+                    prof_dir = out_dir / "profile"
+                    try:
+                        tracker.log_metrics(run_id, profile.profile_run(engine, spec, prof_dir))
+                    finally:
+                        if prof_dir.exists():
+                            tracker.log_artifact(run_id, prof_dir, "profile")
     finally:
         engine.close()

@@ -209,3 +209,14 @@ def test_an_emulated_format_shows_its_fidelity_but_no_timings():
     assert tab.cells[1][tab.headers.index("KL")] == "0.03 (+0.03)"
     assert tab.cells[0][tab.headers.index("tok/s")] == "100"
     assert any(n.startswith(compare.EMULATED + ":") for n in notes)
+
+
+def test_the_report_has_each_stages_wall_time_and_the_terminal_leaves_it_out():
+    fp16 = {"time.model_s": 3.2, "time.build_s": 10.0, "time.bench_s": 20.0}
+    awq = {"time.model_s": 3.1, "time.build_s": 95.0, "time.bench_s": 12.0, "quant.calib_s": 80.5}
+    rows = [make_row("fp16", fp16), make_row("awq", awq)]
+    assert not any("build" in t.headers for t in compare.tables(rows, rows, full=False)[0])
+    tab = next(t for t in compare.tables(rows, rows)[0] if t.title.startswith("wall time by stage"))
+    cells = dict(zip(tab.headers, tab.cells[1]))
+    assert cells["build"] == "95.0 (9.5x)" and cells["calibration"] == "80.5" and cells["model"].startswith("3.1")
+    assert "accuracy" not in tab.headers  # no run had that stage

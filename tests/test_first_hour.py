@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -130,3 +131,27 @@ def test_an_all_skipped_rerun_prints_the_table_of_the_runs_it_skipped_to(in_tmp)
     latest = kvexp(in_tmp, "--sweep", "latest", module="kvexp.compare")  # the newest sweep that has runs: the first
     assert latest.returncode == 0, latest.stderr
     assert row in latest.stdout
+
+
+# ---- 12. where a run's wall time goes ----
+def test_each_stage_logs_its_wall_time_and_a_failing_one_only_where_it_stopped():
+    from kvexp import job
+
+    class Store:
+        def __init__(self):
+            self.tags, self.metrics = {}, {}
+
+        def set_tags(self, run_id, tags):
+            self.tags |= tags
+
+        def log_metrics(self, run_id, metrics):
+            self.metrics |= metrics
+
+    store = Store()
+    with job.stage(store, "r", "build"):
+        time.sleep(0.05)
+    assert store.tags[job.STAGE_TAG] == "build" and 0.05 <= store.metrics["time.build_s"] < 5
+    with pytest.raises(RuntimeError), job.stage(store, "r", "accuracy", None):
+        raise RuntimeError("lm-eval broke")
+    assert store.tags[job.STAGE_TAG] == "accuracy"  # the failure says where it stopped
+    assert "time.accuracy_s" not in store.metrics  # a stage that did not end has no wall time

@@ -12,8 +12,10 @@ METRICS = ["build.s", "fid.kl_mean", "fid.top1_agree", "fid.greedy_agree", "perf
 
 
 def kvexp_run(cwd, *args):
+    # a fresh matplotlib cache, as on a user's first run: its font cache is built, and logged, then
+    env = os.environ.copy() | {"MPLCONFIGDIR": str(cwd / ".mplconfig")}
     return subprocess.run([sys.executable, "-m", "kvexp.run", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, env=os.environ.copy())
+                          timeout=600, env=env)
 
 
 def runs_in(cwd):
@@ -82,6 +84,13 @@ def test_smoke_sweep_tracks_three_runs_and_a_rerun_adds_none(in_tmp, monkeypatch
     by_quant = {r.data.tags[TAG + "quant"]: r for r in children}
     for r in children:
         assert set(METRICS) <= set(r.data.metrics), set(METRICS) - set(r.data.metrics)
+        # each stage's wall time; together no more than the run's own (calibration inside build)
+        m = r.data.metrics
+        stages = [f"time.{s}_s" for s in ("model", "build", "fidelity", "accuracy", "bench")]
+        stages += ["time.reference_s"] if r is not by_quant["fp16"] else []  # fp16's observation is the reference
+        assert all(m[s] > 0 for s in stages), {s: m.get(s) for s in stages}
+        assert sum(m[s] for s in stages) <= (r.info.end_time - r.info.start_time) / 1e3
+        assert m.get("quant.calib_s", 0) <= m["time.build_s"]
         assert r.data.params["quant.kv_cache.dtype"] in ("auto", "int8")
         for tag in ("model", "engine", "context", "git_commit", "versions", "device"):
             assert r.data.tags[TAG + tag]
