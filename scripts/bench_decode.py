@@ -326,6 +326,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="part (a) adds the context sweep per KV format")
     ap.add_argument("--kv", action="store_true", help="the KV formats end to end against fp16 (KV_SHAPES)")
     ap.add_argument("--fp8", action="store_true", help="bf16 vs fp8 vs fp8 weight-only end to end (FP8_SHAPES)")
+    ap.add_argument("--variants", nargs="*", choices=list(KERNEL_VARIANTS),
+                    help="the kernel variants of (b) (default: all; --quick: VARIANTS_QUICK)")
     args = ap.parse_args()
     start = time.perf_counter()
     bw = copy_bandwidth("cuda")
@@ -366,8 +368,9 @@ def main() -> None:
         print(f"\n(c) {model}: bytes per step at 512 context, batch 1\n" + table(results["ceilings"][model],
                                                                                 list(results["ceilings"][model][0])))
         if go(f"kernels:{model}"):
-            profile = [] if "p" in args.skip else ["fp16 triton", "awq triton"]
-            rows, profiles = part_kernels(ckpt, gen, iters, bw, profile, VARIANTS_QUICK if args.quick else KERNEL_VARIANTS)
+            profile = [] if "p" in args.skip else ["fp16 triton", "awq triton", "awq auto"]
+            names = args.variants or (VARIANTS_QUICK if args.quick else KERNEL_VARIANTS)
+            rows, profiles = part_kernels(ckpt, gen, iters, bw, profile, names)
             results.setdefault("kernels", {})[model], results.setdefault("profile", {})[model] = rows, profiles
             print(f"\n(b) {model}: kernels side by side, 512 context\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
             for name, prof in profiles.items():
