@@ -270,6 +270,9 @@ def test_bench_rows_put_each_engine_against_hf():
     torch_row, hf_row = rows
     assert hf_row["compiled"] == 0 and torch_row["compiled"] is None and "x_hf_tok_s" not in hf_row
     assert torch_row["x_hf_tok_s"] == torch_row["tok_s"] / hf_row["tok_s"] and hf_row["ttft_ms"] > 0
+    # fidelity against engine=torch's fp16: zero for itself; hf reads the same fp32 weights, so its greedy tokens agree
+    assert torch_row["fid_kl"] == 0 and torch_row["fid_greedy"] == 1
+    assert hf_row["fid_kl"] < 1e-3 and hf_row["fid_greedy"] == 1
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ import torch
 from kvexp.bench.perf import measure
 from kvexp.config import BenchConfig, ContextConfig
 from kvexp.engines import engine_class
+from kvexp.evaluate import fidelity
 from kvexp.preflight import compose_job
 from kvexp.resolve import validate
 
@@ -26,18 +27,25 @@ def engine_rows(ckpt: str, shapes: Sequence[tuple[int, int]], gen: int, iters: i
                 engines: Sequence[str] = ("torch", "hf"), quants: Sequence[str] = ("fp16",),
                 device: str = "cuda", dtype: str = "bfloat16") -> list[dict]:
     """One row per (engine, quant, (prompt tokens, batch)): decode tok/s, TTFT (ms), peak memory (GB, of that
-    shape: measure() resets the CUDA peak first), KV bytes/token and whether hf ran compiled. Each engine is
-    built once per quant and measured at every shape, one engine on the device at a time."""
-    rows = []
+    shape: measure() resets the CUDA peak first), KV bytes/token, whether hf ran compiled, and fidelity (KL, greedy
+    agreement) against the first engine's fp16 on the fidelity prompts at the shortest context. Each engine is
+    built once per quant and measured at every shape, one engine on the device at a time; rows print as they come."""
+    if quants[0] != "fp16":
+        raise ValueError(f"quants must start with fp16, the fidelity reference; got {list(quants)}")
+    rows, ref = [], None
     for name in engines:
         for quant in quants:
             spec = validate(compose_job([f"model.path={ckpt}", f"engine={name}", f"quant={quant}",
                                          f"model.dtype={dtype}", f"engine.device={device}",
-                                         "eval.fidelity.enabled=false",
                                          f"context.prompt_len={max(c for c, _ in shapes)}", f"context.gen_len={gen}"]))
             engine = engine_class(name)(spec)
             build = engine.build()
             try:
+                short = ContextConfig(name="fidelity", prompt_len=min(c for c, _ in shapes), gen_len=gen)
+                obs = fidelity.observe(engine, dataclasses.replace(spec, cfg=dataclasses.replace(spec.cfg,
+                                                                                                  context=short)))
+                ref = ref or obs  # the first engine's first quant (fp16) is every row's reference
+                fid = fidelity.compare(ref, obs)
                 for ctx, batch in shapes:
                     cfg = dataclasses.replace(spec.cfg, context=ContextConfig(name=str(ctx), prompt_len=ctx,
                                                                               gen_len=gen),
@@ -48,7 +56,9 @@ def engine_rows(ckpt: str, shapes: Sequence[tuple[int, int]], gen: int, iters: i
                                  "tok_s": m["perf.decode_tok_s"], "ttft_ms": m["perf.ttft_ms"],
                                  "peak_GB": m["mem.peak_bytes"] / 1e9, "kv_B_tok": m["mem.kv_bytes_per_token"],
                                  "compiled": build.metrics.get("hf.compiled"),  # None: not engine=hf
+                                 "fid_kl": fid["fid.kl_mean"], "fid_greedy": fid["fid.greedy_agree"],
                                  "build_s": build.build_s, "wall_s": time.perf_counter() - start})
+                    print(table(rows[-1:]), flush=True)
             finally:
                 engine.close()
     return rows
