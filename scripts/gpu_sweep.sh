@@ -5,7 +5,8 @@
 # model's shape (Qwen2.5-1.5B, made here), with the offline share of eval=default (eval=long: the retrieval tasks at the
 # run's context) and the shipped calibration text in place of cnn_dailymail (both from the Hub online). Then prints
 # the sweep's table and every run's stage wall times (time.<stage>_s, quant.calib_s), and copies the store to OUT_DIR.
-# Extra arguments are appended to the sweep's overrides (engine=hf,torch, eval.limit=10, ...).
+# Extra arguments are appended to the sweep's overrides (engine=hf,torch, eval.limit=10, ...); SWEEP_S bounds the
+# sweep's seconds (default: none; then Ctrl-C, which ends the running job KILLED), so what finished is tabulated.
 set -euo pipefail
 out=${1:?usage: gpu_sweep.sh OUT_DIR [overrides...]}; shift
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -21,7 +22,7 @@ EOF
 work=$(mktemp -d)
 cd "$work"
 start=$SECONDS
-python3 -m kvexp.run -m quant=fp16,int8kv,awq context=short,long "model.path=$ckpt" eval=long \
+timeout -s INT -k 30 "${SWEEP_S:-0}" python3 -m kvexp.run -m quant=fp16,int8kv,awq context=short,long "model.path=$ckpt" eval=long \
   quant.calib.dataset=builtin "$@" || echo "gpu_sweep: the sweep exited $?"
 echo "gpu_sweep: the sweep took $((SECONDS - start)) s"
 mkdir -p "$out" && cp mlruns/mlflow.db "$out/sweep-mlflow.db"
