@@ -54,7 +54,8 @@ def kernels() -> types.SimpleNamespace:
     reason = _kernel_skip_reason()
     if reason:
         pytest.skip(reason)
-    return types.SimpleNamespace(decode_attention=da.decode_attention, write_kv=kw.write_kv)
+    return types.SimpleNamespace(decode_attention=da.decode_attention, write_kv=kw.write_kv,
+                                 rope_write=kw.rope_write)
 
 
 def _cache(k: torch.Tensor, v: torch.Tensor, fmt: str, scales: str | None, dtype: torch.dtype) -> tuple:
@@ -293,6 +294,67 @@ def test_write_kv_matches_cache_classes(kernels, dtype, fmt, scales, pos_dtype, 
     expected = [ref.k[0], ref.v[0]] + ([] if fmt == "dense" else [ref.k_scale[0], ref.v_scale[0]])
     for got, want in zip(mine, expected):
         assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 128), (8, 2, 64)], ids=["qwen-heads", "llama-heads"])  # G 3 / 4
+@pytest.mark.parametrize("n", [1, 3], ids=["decode", "extend"])
+@pytest.mark.parametrize("fmt,scales", ATTN_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_rope_write_is_split_heads_then_the_cache_write(kernels, dtype, fmt, scales, n, shape):
+    """One launch from the q|k|v projection: the rotated queries and the cache's bytes equal the torch path's
+    (fused.split_heads, then the cache class's write); on a GPU an FMA may move a rotated value by one ulp of the
+    model dtype, so there the queries are held to that and the stored codes to one step on a few elements."""
+    from kvexp.core import fused
+
+    hq, hkv, D = shape
+    B, T = 3, 10
+    g = torch.Generator().manual_seed(2)
+    qkv = (torch.randn(B, n, (hq + 2 * hkv) * D, generator=g) * 3).to(dtype)
+    pos = torch.tensor([0, 5, T - n])
+    angles = (pos[:, None] + torch.arange(n)).float()[..., None] * (10000.0 ** (-torch.arange(0, D, 2) / D))
+    emb = torch.cat((angles, angles), -1)[:, None]  # [B, 1, n, D]
+    cos, sin = emb.cos(), emb.sin()
+    static = (torch.rand(1, hkv, generator=g) + 0.01, torch.rand(1, hkv, generator=g) + 0.01)
+    if fmt == "dense":
+        ref = KVCache(1, B, hkv, T, D, dtype, "cpu")
+    else:
+        ref = QuantizedKVCache(1, B, hkv, T, D, dtype, "cpu", FORMATS[fmt], static if scales == "static" else None)
+    for t in (ref.k + ref.v + ([] if scales != "dynamic" else ref.k_scale + ref.v_scale)):
+        _junk(t, g)
+    mine = [t.clone().to(DEVICE) for t in (ref.k[0], ref.v[0])]
+    mine += [None, None] if fmt == "dense" else [ref.k_scale[0].clone().to(DEVICE), ref.v_scale[0].clone().to(DEVICE)]
+    q_ref, k, v = fused.split_heads(qkv, hq, hkv, D, cos, sin)
+    ref.write(0, k, v, pos)
+    q = kernels.rope_write(qkv.to(DEVICE), cos.to(DEVICE), sin.to(DEVICE), hq, *mine, pos.to(DEVICE), fmt)
+    assert q.shape == q_ref.shape and q.is_contiguous()
+    expected = [ref.k[0], ref.v[0]] + ([] if fmt == "dense" else [ref.k_scale[0], ref.v_scale[0]])
+    if not CUDA:
+        assert torch.equal(q.cpu(), q_ref)
+        for got, want in zip(mine, expected):
+            assert torch.equal(got.cpu().view(torch.uint8), want.view(torch.uint8))
+        return
+    ulp = torch.finfo(dtype).eps * q_ref.float().abs().clamp_min(1)
+    assert ((q.cpu().float() - q_ref.float()).abs() <= ulp).all()
+    assert (q.cpu() != q_ref).float().mean() < 0.05
+    for got, want in zip(mine, expected):
+        got = got.cpu()
+        if got.dtype == torch.uint8:  # int4: compare the two nibbles
+            got, want = torch.stack((got & 15, got >> 4)), torch.stack((want & 15, want >> 4))
+        diff = (got.float() - want.float()).abs()
+        assert (diff <= 1 + want.float().abs() * 2 ** -3).all() and (diff > 0).float().mean() < 0.02
+
+
+def test_rope_write_rejects_bad_inputs(kernels):
+    qkv = torch.zeros(2, 1, (4 + 2 * 2) * 8, dtype=torch.float16, device=DEVICE)
+    cache = torch.zeros(2, 2, 6, 8, dtype=torch.float16, device=DEVICE)
+    cos = torch.zeros(2, 1, 1, 8, device=DEVICE)
+    pos = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="cos/sin"):
+        kernels.rope_write(qkv, cos[..., :4], cos[..., :4], 4, cache, cache, None, None, pos, "dense")
+    with pytest.raises(ValueError, match="caches"):
+        kernels.rope_write(qkv, cos, cos, 4, cache.to(torch.int8), cache.to(torch.int8), None, None, pos, "dense")
+    with pytest.raises(ValueError, match="qkv"):
+        kernels.rope_write(qkv.float(), cos, cos, 4, cache, cache, None, None, pos, "dense")
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.75])

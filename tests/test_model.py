@@ -120,3 +120,38 @@ def test_kv_faithful_scoring_of_ragged_requests_fits_the_cache():
     assert [t.shape[0] for t in faithful] == [1, 9]
     for a, b in zip(faithful, one_pass):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("quant", ["fp16", "int8kv", "int4kv"])
+def test_decode_and_extend_through_the_fused_rope_write_match_the_torch_path(quant):
+    """The Triton path's cache (fused_write) takes RoPE and the cache write from the q|k|v projection in one
+    kernel (kv_write.rope_write); a decode step and a 3-token extend give the torch path's logits and cache bytes,
+    bf16 on a CPU through Triton's interpreter, where the kernel rounds as torch does."""
+    from test_kernels import _kernel_skip_reason
+
+    if _kernel_skip_reason():
+        pytest.skip(_kernel_skip_reason())
+    from kvexp.core.kv import FORMATS, KVCache, QuantizedKVCache
+
+    engine = build_engine(f"quant={quant}", "model.dtype=bfloat16", "engine.device=cpu")
+    model, a = engine.model, engine.arch
+    gen = torch.Generator().manual_seed(6)
+    ctx = torch.randint(3, 500, (2, 12), generator=gen)
+    steps = [torch.randint(3, 500, (2, n), generator=gen) for n in (1, 3)]
+    outs, caches = [], []
+    for fused in (False, True):
+        args = (a.num_layers, 2, a.num_kv_heads, 24, a.head_dim, torch.bfloat16, "cpu")
+        kv = engine.spec.cfg.quant.kv_cache.dtype
+        cache = KVCache(*args, fused_write=fused) if kv == "auto" else \
+            QuantizedKVCache(*args, fmt=FORMATS[kv], fused_write=fused)
+        with torch.inference_mode():
+            model(ctx, torch.tensor([0, 2]), cache, "prefill")
+            pos, logits = torch.tensor([12, 14]), []
+            for tokens in steps:
+                logits.append(model.logits(model(tokens, pos, cache, "extend")))
+                pos = pos + tokens.shape[1]
+        outs.append(torch.cat(logits, 1))
+        caches.append(cache)
+    assert torch.equal(outs[0], outs[1])
+    for want, got in zip(caches[0].tensors(), caches[1].tensors()):
+        assert torch.equal(want.view(torch.uint8), got.view(torch.uint8))

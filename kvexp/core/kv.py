@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from kvexp.core.formats import FORMATS, SCALE_DTYPE, KVFormat, dequantize, dynamic_scale, quantize  # noqa: F401
-from kvexp.core.kernels.kv_write import write_kv
+from kvexp.core.kernels.kv_write import rope_write, write_kv
 
 
 class KVCache:
@@ -54,6 +54,12 @@ class KVCache:
             write_kv(kv[0], kv[1], self.k[layer], self.v[layer], *self.scales(layer), pos, self.fmt_name)
             return
         self._write(layer, k, v, pos)
+
+    def write_rope(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                   heads: int) -> torch.Tensor:
+        """fused_write caches: RoPE'd k and v of the q|k|v projection [B, n, (heads + 2 Hkv) D] written at pos as
+        write() does, in the same launch that returns the RoPE'd queries [B, heads, n, D] (cos/sin [B, 1, n, D])."""
+        return rope_write(qkv, cos, sin, heads, self.k[layer], self.v[layer], *self.scales(layer), pos, self.fmt_name)
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
         idx = self._index(pos, k.shape[2])[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])

@@ -129,11 +129,16 @@ class Attention(nn.Module):
         B, n, _ = x.shape
         a = self.a
         qkv = self.qkv(x) if self.qkv is not None else torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), -1)
-        q, k, v = s.ops.split_heads(qkv, a.num_heads, a.num_kv_heads, a.head_dim, s.cos, s.sin)
-        if s.observer is not None:
-            s.observer(self.layer, k, v)
+        if s.mode == "extend" and s.cache.fused_write and s.observer is None:
+            # RoPE and the cache write in one kernel, straight from the projection (kernels.kv_write.rope_write)
+            q = s.cache.write_rope(self.layer, qkv, s.cos, s.sin, s.pos, a.num_heads)
+        else:
+            q, k, v = s.ops.split_heads(qkv, a.num_heads, a.num_kv_heads, a.head_dim, s.cos, s.sin)
+            if s.observer is not None:
+                s.observer(self.layer, k, v)
+            if s.mode == "extend":
+                s.cache.write(self.layer, k, v, s.pos)
         if s.mode == "extend":
-            s.cache.write(self.layer, k, v, s.pos)
             if n == 1 and s.decode_attn is not None:
                 out = s.decode_attn(q[:, :, 0], s.cache, self.layer, s.lengths)[:, :, None]
             else:

@@ -43,7 +43,8 @@ def _round_half_even(y):
 
 @triton.jit
 def _round_to_bf16(x):
-    """Positive finite fp32 -> the nearest bfloat16 value (ties to even), still held in fp32."""
+    """Finite fp32 -> the nearest bfloat16 value (ties to even), still held in fp32 (the sign bit is untouched:
+    the rounding carries through the magnitude's bits only)."""
     bits = x.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
     return bits.to(tl.float32, bitcast=True)
@@ -70,7 +71,14 @@ def _quantize_store(src, src_off, dst, dst_off, scale_ptr, scale_off, FMT: tl.co
                     QMAX: tl.constexpr, SCALES: tl.constexpr, D: tl.constexpr):
     """Quantize the [D] vector at src + src_off into dst + dst_off ([D], int4: [D/2] bytes); dynamic: also
     store its scale. FMT: 1 int8, 2 fp8, 3 int4 (codes q + 8 in [0, 15], two per byte, low nibble first)."""
-    x = tl.load(src + src_off).to(tl.float32)
+    _quantize_store_values(tl.load(src + src_off).to(tl.float32), dst, dst_off, scale_ptr, scale_off, FMT, QMAX,
+                           SCALES, D)
+
+
+@triton.jit
+def _quantize_store_values(x, dst, dst_off, scale_ptr, scale_off, FMT: tl.constexpr, QMAX: tl.constexpr,
+                           SCALES: tl.constexpr, D: tl.constexpr):
+    """_quantize_store of a [D] float32 vector already in registers (x holds model-dtype values)."""
     if SCALES == 1:
         amax = tl.maximum(tl.max(tl.abs(x), 0), 1e-6)
         scale = _round_to_bf16(tl.div_rn(amax, QMAX))
@@ -110,6 +118,66 @@ def _write_kv_kernel(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
         scale_off = b * s_sb + h * s_sh + t * s_st  # static scales come with s_sb = s_st = 0
         _quantize_store(k_new, src, k_cache, dst, k_scale, scale_off, FMT, QMAX, SCALES, D)
         _quantize_store(v_new, src, v_cache, dst, v_scale, scale_off, FMT, QMAX, SCALES, D)
+
+
+@triton.jit
+def _to_model_dtype(x, DT: tl.constexpr):
+    """float32 -> DT rounded to nearest even under every lowering (the interpreter's bf16 cast truncates)."""
+    if DT == tl.bfloat16:
+        x = _round_to_bf16(x)
+    return x.to(DT)
+
+
+@triton.jit
+def _rope_half(x_ptr, c_ptr, s_ptr, HALF: tl.constexpr):
+    """RoPE (rotate-half) of the [2 HALF] vector at x_ptr with cos/sin rows at c_ptr/s_ptr, as the two halves
+    (x1 c - x2 s, x2 c + x1 s) in float32, kvexp.core.fused._rotate's math (on a GPU both may contract a
+    product into an FMA, so they agree to float32 rounding; in the interpreter, exactly)."""
+    h = tl.arange(0, HALF)
+    x1, x2 = tl.load(x_ptr + h).to(tl.float32), tl.load(x_ptr + HALF + h).to(tl.float32)
+    c1, c2 = tl.load(c_ptr + h), tl.load(c_ptr + HALF + h)
+    s1, s2 = tl.load(s_ptr + h), tl.load(s_ptr + HALF + h)
+    return x1 * c1 + (-x2) * s1, x2 * c2 + x1 * s2
+
+
+@triton.jit
+def _rope_write_kernel(qkv, cos, sin, q_out, k_cache, v_cache, k_scale, v_scale, pos,
+                       s_xb, s_xt, s_rb, s_rt, s_ob, s_oh, s_ot, s_cb, s_ch, s_ct, s_cd, s_sb, s_sh, s_st,
+                       HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SCALES: tl.constexpr,
+                       FMT: tl.constexpr, QMAX: tl.constexpr):
+    """Grid (B, HQ + HKV, n): program (b, h, i) takes the projections' token i of sequence b ([HQ + 2 HKV] heads of
+    D, q then k then v); h < HQ rotates query head h into q_out, h >= HQ rotates key head h - HQ and stores it with
+    value head h - HQ into the cache at position pos[b] + i, quantized as _write_kv_kernel does."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    i = tl.program_id(2).to(tl.int64)
+    HALF: tl.constexpr = D // 2
+    row = qkv + b * s_xb + i * s_xt
+    r = b * s_rb + i * s_rt
+    half = tl.arange(0, HALF)
+    if h < HQ:
+        lo, hi = _rope_half(row + h * D, cos + r, sin + r, HALF)
+        out = q_out + b * s_ob + h * s_oh + i * s_ot
+        tl.store(out + half, _to_model_dtype(lo, q_out.dtype.element_ty))
+        tl.store(out + HALF + half, _to_model_dtype(hi, q_out.dtype.element_ty))
+    else:
+        kvh = h - HQ
+        t = tl.load(pos + b).to(tl.int64) + i
+        lo, hi = _rope_half(row + (HQ + kvh) * D, cos + r, sin + r, HALF)
+        # the rotated key is rounded to the model dtype first, as the torch path stores it / quantizes it
+        k = tl.join(_to_model_dtype(lo, qkv.dtype.element_ty), _to_model_dtype(hi, qkv.dtype.element_ty))  # [HALF, 2]
+        k = tl.reshape(tl.permute(k, (1, 0)), [D])  # lo then hi
+        v_src = row + (HQ + HKV + kvh) * D + tl.arange(0, D)
+        d = tl.arange(0, D)
+        dst = b * s_cb + kvh * s_ch + t * s_ct + (tl.arange(0, D // 2) if FMT == 3 else d) * s_cd
+        if SCALES == 0:
+            tl.store(k_cache + dst, k)
+            tl.store(v_cache + dst, tl.load(v_src))
+        else:
+            scale_off = b * s_sb + kvh * s_sh + t * s_st
+            _quantize_store_values(k.to(tl.float32), k_cache, dst, k_scale, scale_off, FMT, QMAX, SCALES, D)
+            _quantize_store_values(tl.load(v_src).to(tl.float32), v_cache, dst, v_scale, scale_off, FMT, QMAX,
+                                   SCALES, D)
 
 
 def scale_mode(fmt: str, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], hkv: int) -> int:
@@ -171,3 +239,39 @@ def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_
         D=D, SCALES=mode, FMT=FMT_CODES[fmt], QMAX=FORMATS[fmt].qmax if mode else 0.0,
         num_warps=1 if D <= 128 else 2)
 
+
+
+def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
+               pos: torch.Tensor, fmt: str) -> torch.Tensor:
+    """RoPE and the cache write of n new tokens per sequence in one launch, straight from the q|k|v projection:
+    what kvexp.core.fused.split_heads followed by write_kv computes (values equal up to float32 rounding
+    of the rotation), with one kernel instead of three to five per layer of a decode step.
+
+    qkv: [B, n, (heads + 2 Hkv) D] float16/bfloat16, rows contiguous; cos, sin: [B, 1, n, D] float32 (rotate-half
+    tables); caches, scales, pos and fmt as write_kv's. Returns the rotated queries [B, heads, n, D].
+    """
+    B, n, width = qkv.shape
+    hkv = k_cache.shape[1]
+    D = width // (heads + 2 * hkv)
+    mode = scale_mode(fmt, k_scale, v_scale, hkv)
+    if qkv.dtype not in MODEL_DTYPES or qkv.stride(2) != 1 or D * (heads + 2 * hkv) != width:
+        raise ValueError(f"qkv must be [B, n, (heads + 2 Hkv) D] float16/bfloat16 with contiguous rows, got "
+                         f"{tuple(qkv.shape)} {qkv.dtype}")
+    if cos.shape != (B, 1, n, D) or sin.shape != cos.shape or cos.dtype != torch.float32 or \
+            cos.stride() != sin.stride() or cos.stride(3) != 1:
+        raise ValueError(f"cos/sin must be [B, 1, n, D] = {(B, 1, n, D)} float32 of one layout, got {tuple(cos.shape)}")
+    storage = qkv.dtype if fmt == "dense" else FORMATS[fmt].storage
+    width = D // 2 if fmt == "int4" else D
+    if k_cache.dtype != storage or v_cache.dtype != storage or k_cache.stride() != v_cache.stride() or \
+            k_cache.shape[0] != B or k_cache.shape[3] != width or D & (D - 1) or D < 4 or pos.shape != (B,):
+        raise ValueError(f"fmt {fmt!r}: caches [B, Hkv, Tmax, D] (int4: D/2) of {storage} for {tuple(qkv.shape)} "
+                         f"projections and pos [B], got {tuple(k_cache.shape)} {k_cache.dtype}, pos {tuple(pos.shape)}")
+    require_triton(triton, qkv, _rope_write_kernel)
+    q = torch.empty(B, heads, n, D, dtype=qkv.dtype, device=qkv.device)
+    _rope_write_kernel[(B, heads + hkv, n)](
+        qkv, cos, sin, q, k_cache, v_cache, k_scale, v_scale, pos,
+        qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(2), *q.stride()[:3], *k_cache.stride(),
+        *scale_strides(mode, k_scale), HQ=heads, HKV=hkv, D=D, SCALES=mode, FMT=FMT_CODES[fmt],
+        QMAX=FORMATS[fmt].qmax if mode else 0.0, num_warps=1 if D <= 128 else 2)
+    return q
