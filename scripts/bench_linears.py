@@ -10,6 +10,7 @@ defeat the L2. Used by scripts/bench_decode.py (`--tune` makes the fastest confi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -107,6 +108,11 @@ def bench_layer(name: str, rows: int, k: int, gated: bool, m: int, sweep: list, 
             add(f"triton int{bits}", lambda r, c=cfg, b=bits: wq.wq_matmul(x, ps[r][0], ps[r][1], group, b,
                                                                             gated=gated, config=c),
                 q_bytes, ref_q, cfg)
+            if bits == 4:  # the nibbles through Triton's casts instead of PTX: what the PTX unpack buys
+                cvt = dataclasses.replace(cfg, int4_asm=False)
+                add("triton int4 cvt", lambda r, c=cvt: wq.wq_matmul(x, ps[r][0], ps[r][1], group, 4, gated=gated,
+                                                                     config=c),
+                    q_bytes, ref_q, cvt)
     if name != "head" and torch.cuda.get_device_capability() >= FP8_CAPABILITY:
         _fp8_variants(add, w, x, gated, silu, ref_of)
     del w, packed
@@ -151,7 +157,7 @@ def install_best(rows: list[dict]) -> dict:
     """Make each (layer shape, bits, row bucket)'s fastest config the kernel's default (wq.CONFIGS)."""
     chosen = {}
     for r in best_of(rows):
-        if r["variant"].startswith("triton") and r["config"] is not None:
+        if r["variant"] in ("triton bf16", "triton int4", "triton int8"):
             bits = 16 if r["variant"].endswith("bf16") else int(r["variant"][-1])
             key = (r["rows"], r["k"], bits, wq.row_bucket(r["m"]))
             wq.CONFIGS[key] = wq.MatmulConfig(**r["config"])

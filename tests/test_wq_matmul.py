@@ -36,13 +36,13 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits,asm", [(4, True), (4, False), (8, True)])  # int4 on CUDA: PTX unpack or Triton casts
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,group,split,block_n", [
     (1, 48, 256, 64, 0, 16), (5, 40, 512, 128, 3, 16), (16, 64, 384, 128, 2, 32), (3, 33, 256, 32, 1, 16),
     (17, 32, 256, 128, 4, 16),  # two row tiles; more splits than one group each
 ])
-def test_wq_matmul_matches_float64(bits, dtype, m, n, k, group, split, block_n):
+def test_wq_matmul_matches_float64(bits, asm, dtype, m, n, k, group, split, block_n):
     gen = torch.Generator().manual_seed(1000 * bits + m + n + k)
     qweight, scales = _weights(n, k, group, bits, dtype, gen)
     x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
@@ -50,8 +50,8 @@ def test_wq_matmul_matches_float64(bits, dtype, m, n, k, group, split, block_n):
     bias = torch.randn(n, generator=gen).to(DEVICE, dtype)
     for p, b in ((pre, bias), (None, None)):
         out = torch.full((m, n), float("nan"), dtype=dtype, device=DEVICE)
-        wq.wq_matmul(x, qweight, scales, group, bits, p, b, config=wq.MatmulConfig(block_n=block_n, split_k=split),
-                     out=out)
+        config = wq.MatmulConfig(block_n=block_n, split_k=split, int4_asm=asm)
+        wq.wq_matmul(x, qweight, scales, group, bits, p, b, config=config, out=out)
         xs = x if p is None else x * p  # the model rounds (x * pre_scale) to its dtype, so does the kernel
         ref = xs.double() @ wq.dequantize_ref(qweight, scales, group, bits).double().T
         ref = ref if b is None else ref + b.double()

@@ -12,7 +12,8 @@ K (split-K, so that even the 2048-wide projections give a few programs per SM), 
 with the integer weights (exact in bf16/fp16) and applies the group's scale to the [M, BLOCK_N] partial.
 Split-K programs write fp32 partials; the last one to finish a column tile (a counter per tile, reset by
 that program) sums them and writes the output, so one launch does the whole layer: no memset, no second
-reduction kernel (the stream-K fix-up of Osama et al., 2023).
+reduction kernel (the stream-K fix-up of Osama et al., 2023). On CUDA int4 codes become model-dtype values by PTX
+bit tricks (lop3 under a float's exponent, then one fused subtract per two values), not by per-value I2F casts.
 
 FP8 (kvexp.core.fp8's format): qweight [N, K] float8_e4m3fn with one float32 scale per output row, applied
 once to the finished sum (row_scale=True), not per group; with activations in e4m3 too, x is the [M, K]
@@ -32,6 +33,7 @@ from typing import Optional
 import torch
 
 from kvexp.core.kernels import require_triton
+from kvexp.core.kernels.decode_attention import _int4_halves_f16_asm  # one PTX unpack for attention and GEMV
 
 try:
     import triton
@@ -91,6 +93,8 @@ class MatmulConfig:
     num_warps: int = 4
     num_stages: int = 4
     waves: int = 4
+    int4_asm: bool = True  # int4 on CUDA: nibbles to the model dtype by PTX (False: Triton's casts, as the
+    # interpreter, which runs no PTX, always does)
 
 
 DEFAULT_CONFIG = MatmulConfig(block_n=32, waves=2)
@@ -123,22 +127,60 @@ def split_for(cfg: MatmulConfig, n_tiles: int, n_groups: int, sms: int) -> int:
 
 
 @triton.jit
+def _int4_halves_bf16_asm(x):
+    """int4 bytes (low nibble: even element) -> (even, odd) bfloat16 code - 8 (exact), 8 values in 13 instructions:
+    lop3 puts a nibble under bfloat16's 128.0 (0x4300: 128 + c, exact, the mantissa's step there being 1), one
+    fma.rn.bf16x2 by 1 minus 136 per 2 values. bfloat16's 7 mantissa bits have no room for a high nibble in place
+    (float16's trick), so it is shifted down first. Same element order as _int4_halves_f16_asm."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 x, y, xh, yh, one, c;
+        prmt.b32 x, $4, $4, 0x3120;
+        shr.b32 y, x, 8;
+        shr.b32 xh, x, 4;
+        shr.b32 yh, x, 12;
+        lop3.b32 $0, x, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $1, y, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $2, xh, 0x000F000F, 0x43004300, 0xEA;
+        lop3.b32 $3, yh, 0x000F000F, 0x43004300, 0xEA;
+        mov.b32 one, 0x3F803F80;
+        mov.b32 c, 0xC308C308;
+        fma.rn.bf16x2 $0, $0, one, c;
+        fma.rn.bf16x2 $1, $1, one, c;
+        fma.rn.bf16x2 $2, $2, one, c;
+        fma.rn.bf16x2 $3, $3, one, c;
+        }""", "=r,=r,=r,=r,r", [x], dtype=(tl.bfloat16, tl.bfloat16), is_pure=False, pack=4)
+
+
+@triton.jit
 def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, X_FP8: tl.constexpr):
+               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, X_FP8: tl.constexpr,
+               ASM: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32 = x[:, group g] @ q[rows offs_n, group g]^T (integer weights, no scale yet)."""
     dtype = x_ptr.dtype.element_ty
     if BITS == 4:
-        # one 16-byte-vectorised load of the packed bytes and one of x; the nibbles are interleaved back in
-        # registers (join puts the pair in one thread). Loading x at stride 2 for the even and odd columns
-        # instead cost a scalar load per element: 3-4x slower than int8 on the H200 (2026-12-02).
+        # one 16-byte-vectorised load of the packed bytes and one of x (loading x at stride 2 for the even and
+        # odd columns cost a scalar load per element: 3-4x slower than int8 on the H200, 2026-12-02)
         j = tl.arange(0, GROUP // 2)
         wb = tl.load(w_ptr + offs_n[:, None] * stride_wn + (g * (GROUP // 2) + j)[None, :],
-                     mask=mask_n[:, None], other=0).to(tl.int32)
-        w = tl.reshape(tl.join(((wb & 15) - 8).to(dtype), ((wb >> 4) - 8).to(dtype)), (wb.shape[0], GROUP))
+                     mask=mask_n[:, None], other=0)
         k = g * GROUP + tl.arange(0, GROUP)
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
         if HAS_PRE:  # rounded to the model dtype before the dot, as (x * pre_scale) is in PyTorch
             xa = (xa.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
+        if ASM:
+            # The nibbles become model-dtype code - 8 by PTX bit tricks, 8 values in ~12 instructions (the
+            # attention kernel's int4 path), where Triton's casts issue one I2F per value and bound the kernel by
+            # its ALU, not its bytes; the even and odd columns are two dots, with x split to match in registers.
+            if dtype == tl.bfloat16:
+                we, wo = _int4_halves_bf16_asm(wb)
+            else:
+                we, wo = _int4_halves_f16_asm(wb)
+            xe, xo = tl.split(tl.reshape(xa, (xa.shape[0], GROUP // 2, 2)))
+            return tl.dot(xe, tl.trans(we)) + tl.dot(xo, tl.trans(wo))
+        # nibbles interleaved back in registers (join puts the pair in one thread)
+        wb = wb.to(tl.int32)
+        w = tl.reshape(tl.join(((wb & 15) - 8).to(dtype), ((wb >> 4) - 8).to(dtype)), (wb.shape[0], GROUP))
         return tl.dot(xa, tl.trans(w))
     else:  # int8 codes, e4m3 weights, or (BITS 16) the dense weight itself, one K tile of GROUP columns
         k = g * GROUP + tl.arange(0, GROUP)
@@ -155,9 +197,9 @@ def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_
 @triton.jit
 def _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
                 stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, ROW_SCALE: tl.constexpr,
-                X_FP8: tl.constexpr):
+                X_FP8: tl.constexpr, ASM: tl.constexpr):
     part = _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-                      GROUP, BITS, HAS_PRE, X_FP8)
+                      GROUP, BITS, HAS_PRE, X_FP8, ASM)
     if BITS == 16 or ROW_SCALE:  # no group scales (ROW_SCALE: applied once, in _finish)
         return acc + part
     s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -169,7 +211,7 @@ def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, pre_ptr, bias_ptr, part_ptr, 
                       M, N, n_groups, stride_xm, stride_wn, stride_sn, stride_om,
                       SPLIT_K, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, HAS_PRE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                      ROW_SCALE: tl.constexpr, X_SCALE: tl.constexpr):
+                      ROW_SCALE: tl.constexpr, X_SCALE: tl.constexpr, ASM: tl.constexpr):
     """GATED: the weight is [gate; up] (2N rows) and the output silu(gate) * up [M, N], the MLP's epilogue.
     ROW_SCALE: one weight scale per row (s_ptr [rows]); X_SCALE: x is e4m3 with one scale per row (xs_ptr [M])."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -182,10 +224,10 @@ def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, pre_ptr, bias_ptr, part_ptr, 
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for g in range(pid_k * per_split, g_end):
         acc = _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm,
-                          stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE)
+                          stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE, ASM)
         if GATED:
             acc_up = _accumulate(acc_up, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n + N, mask_m, mask_n, g,
-                                 stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE)
+                                 stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE, ASM)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         _finish(acc, acc_up, s_ptr, xs_ptr, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_m, mask_n,
@@ -280,7 +322,8 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
         M, N, n_groups, x.stride(0), qweight.stride(0), 0 if scales is None or row_scale else scales.stride(0),
         out.stride(0), split, GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n,
         HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated, ROW_SCALE=row_scale,
-        X_SCALE=x_scale is not None, num_warps=config.num_warps, num_stages=config.num_stages)
+        X_SCALE=x_scale is not None, ASM=bits == 4 and config.int4_asm and x.is_cuda,
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
