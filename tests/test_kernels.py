@@ -487,3 +487,19 @@ def test_sweep_summary_fits_slopes_and_break_even():
     assert got["kernel_int8"]["break_even_tokens"] == pytest.approx(2000)  # 9 + 2x = 5 + 4x at x = 2k tokens
     assert got["kernel_int8"]["first_faster_measured"] == 2048
     assert got["kernel_fp8"]["break_even_tokens"] is None  # faster at first, slower past 3k: never breaks even
+
+
+@pytest.mark.parametrize("V", [7, 2048, 5000, 128256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_rows_is_torch_argmax_with_ties_to_the_first(V, dtype):
+    from kvexp.core.kernels.argmax import argmax_rows
+
+    if _kernel_skip_reason():
+        pytest.skip(_kernel_skip_reason())
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(3, V, generator=g).to(dtype)
+    x[1, V // 3] = x[1, V - 1] = 50  # a tie across chunks: the first wins
+    x[2, :] = -1.0  # all equal: index 0
+    x[2, V - 1] = -0.5  # unless the last is larger
+    out = argmax_rows(x.to(DEVICE))
+    assert out.dtype == torch.int64 and torch.equal(out.cpu(), x.float().argmax(-1))

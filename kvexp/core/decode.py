@@ -24,7 +24,7 @@ class DecodeLoop:
 
     def _step(self) -> None:
         hidden = self.model(self.tok[:, None], self.pos, self.cache, "extend")
-        self.tok.copy_(self.model.logits(hidden[:, 0]).argmax(-1))
+        self.tok.copy_(self.model.greedy(hidden[:, 0]))
         self.pos.add_(1)
 
     def _capture(self) -> torch.cuda.CUDAGraph:

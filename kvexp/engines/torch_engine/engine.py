@@ -213,7 +213,7 @@ class TorchEngine(Engine):
             t1, steps = self._sync(), max_new_tokens
             out = loop.run(tokens[rows, lens - 1], lens - 1, steps)[:, 1:]
         else:
-            first = self.model.logits(hidden[rows, lens - 1]).argmax(-1)
+            first = self.model.greedy(hidden[rows, lens - 1])
             t1, steps = self._sync(), max_new_tokens - 1
             out = loop.run(first, lens, steps)
         t2 = self._sync()
