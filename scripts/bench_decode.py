@@ -354,9 +354,7 @@ def main() -> None:
         print("\n(a) decode attention\n" + table(results["attention"], list(results["attention"][0])))
     if go("k"):
         from bench_linears import SWEEP, best_of, bench_shapes, install_best
-        from kvexp.core.kernels.wq_matmul import DEFAULT_CONFIG
-
-        sweep = SWEEP if args.tune else [DEFAULT_CONFIG]
+        sweep = SWEEP if args.tune else [None]  # None: each shape's default config (wq_matmul.config_for)
         results["linears"] = bench_shapes({m: SHAPES[m] for m in args.models}, sweep=sweep)
         if args.tune:
             results["linear_configs"] = install_best(results["linears"])

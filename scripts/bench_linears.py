@@ -27,7 +27,7 @@ from kvexp.core.kernels import wq_matmul as wq  # noqa: E402
 
 L2_BYTES = 60e6
 TOL = 2.0 ** -7  # bf16 outputs: rounding of the output (and of cuBLAS's own accumulation order) stays far below
-SWEEP = [wq.MatmulConfig(block_n=bn, waves=w) for bn, w in ((16, 4), (32, 2), (32, 8), (64, 4))]
+SWEEP = [wq.MatmulConfig(block_n=bn, waves=w) for bn, w in ((16, 4), (32, 2), (32, 8), (64, 4), (128, 2), (128, 4))]
 
 
 def linear_shapes(c: dict) -> dict[str, tuple[int, int, bool]]:
@@ -109,7 +109,7 @@ def bench_layer(name: str, rows: int, k: int, gated: bool, m: int, sweep: list, 
                                                                             gated=gated, config=c),
                 q_bytes, ref_q, cfg)
             if bits == 4:  # the nibbles through Triton's casts instead of PTX: what the PTX unpack buys
-                cvt = dataclasses.replace(cfg, int4_asm=False)
+                cvt = dataclasses.replace(cfg or wq.config_for(m, rows, k, 4), int4_asm=False)
                 add("triton int4 cvt", lambda r, c=cvt: wq.wq_matmul(x, ps[r][0], ps[r][1], group, 4, gated=gated,
                                                                      config=c),
                     q_bytes, ref_q, cvt)
@@ -157,7 +157,7 @@ def install_best(rows: list[dict]) -> dict:
     """Make each (layer shape, bits, row bucket)'s fastest config the kernel's default (wq.CONFIGS)."""
     chosen = {}
     for r in best_of(rows):
-        if r["variant"] in ("triton bf16", "triton int4", "triton int8"):
+        if r["variant"] in ("triton bf16", "triton int4", "triton int8") and r["config"] is not None:
             bits = 16 if r["variant"].endswith("bf16") else int(r["variant"][-1])
             key = (r["rows"], r["k"], bits, wq.row_bucket(r["m"]))
             wq.CONFIGS[key] = wq.MatmulConfig(**r["config"])
@@ -182,12 +182,12 @@ def main() -> None:
     from bench_decode import SHAPES, table
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="one launch config per kernel")
+    ap.add_argument("--quick", action="store_true", help="each kernel's default launch config only")
     ap.add_argument("--models", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--only", nargs="*", default=(), help="variants to run, e.g. 'triton int4' 'tinygemm int4'")
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
-    rows = bench_shapes({m: SHAPES[m] for m in args.models}, sweep=[wq.DEFAULT_CONFIG] if args.quick else SWEEP,
+    rows = bench_shapes({m: SHAPES[m] for m in args.models}, sweep=[None] if args.quick else SWEEP,
                         only=tuple(args.only))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

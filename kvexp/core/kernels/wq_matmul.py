@@ -99,6 +99,10 @@ class MatmulConfig:
 
 DEFAULT_CONFIG = MatmulConfig(block_n=32, waves=2)
 HEAD_CONFIG = MatmulConfig(block_n=64, waves=4)  # vocab-sized outputs: already thousands of programs
+# int4 at block_n 32 moved 2 KB of weights per loop step against bf16's 8 KB, with the same x loads, dot and scale
+# loads per step, and ran no faster than bf16 on the H200 (2026-12-03, bench_linears: 17.8 vs 16.7 us for Qwen's
+# gate|up at batch 1, with PTX or cast unpacking alike): 128 columns give it bf16's bytes per step
+INT4_CONFIG = MatmulConfig(block_n=128, waves=2)
 # (weight rows, K, bits, row bucket) -> the measured best config (scripts/bench_decode.py --tune fills it in)
 CONFIGS: dict[tuple[int, int, int, int], MatmulConfig] = {}
 
@@ -110,7 +114,7 @@ def row_bucket(m: int) -> int:
 def config_for(m: int, rows: int, k: int, bits: int) -> MatmulConfig:
     """A tuned entry, else the defaults that won the H200 sweep (2026-12-02, bench_linears.py: (32, 2) on every
     projection of Llama-3.2-1B and Qwen2.5-1.5B in bf16, (64, 4) on their heads in bf16 and int8)."""
-    default = HEAD_CONFIG if rows >= 32768 else DEFAULT_CONFIG
+    default = INT4_CONFIG if bits == 4 else HEAD_CONFIG if rows >= 32768 else DEFAULT_CONFIG
     return CONFIGS.get((rows, k, bits, row_bucket(m)), default)
 
 
