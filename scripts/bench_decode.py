@@ -289,30 +289,12 @@ def part_kernels(ckpt: Path, gen: int, iters: int, bw: float, profile: list[str]
     return rows, profiles
 
 
-def hf_baseline(ckpt: Path, ctx: int, gen: int, eager: bool) -> list[dict]:
-    """transformers generate, bf16, batch 1: its best path (static cache + compile) and, if asked, eager."""
-    from transformers import AutoModelForCausalLM, CompileConfig
+def hf_baseline(ckpt: Path, ctx: int, gen: int) -> list[dict]:
+    """engine=hf, bf16, batch 1: transformers generate with its static cache and torch.compile, its best path (the
+    engine's own harness, kvexp.engines.hf.bench)."""
+    from kvexp.engines.hf.bench import engine_rows
 
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
-    model.generation_config.eos_token_id = None
-    prompt = torch.randint(0, 512, (1, ctx), device="cuda")
-    modes = {"hf static+compile": {"cache_implementation": "static",
-                                   "compile_config": CompileConfig(fullgraph=True, mode="reduce-overhead")}}
-    rows = []
-    for name, kwargs in modes | ({"hf eager": {}} if eager else {}):
-        def timed(n: int) -> float:
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kwargs)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t
-
-        for _ in range(2):
-            timed(gen)  # warm-up: compilation and graph capture happen here
-        one, full = min(timed(1) for _ in range(2)), min(timed(gen) for _ in range(2))
-        rows.append({"engine": name, "ctx": ctx, "batch": 1, "tok_s": (gen - 1) / (full - one)})
-        print(table(rows[-1:], list(rows[-1])), flush=True)
-    return rows  # the model is freed with this frame
+    return engine_rows(str(ckpt), [(ctx, 1)], gen, engines=("hf",))
 
 
 def main() -> None:
@@ -386,7 +368,7 @@ def main() -> None:
         if go(f"hf:{model}"):
             ckpt = Path(tempfile.gettempdir()) / f"kvexp-{model}-shape"
             try:
-                results.setdefault("hf", {})[model] = hf_baseline(ckpt, 512, gen, eager=not args.quick)
+                results.setdefault("hf", {})[model] = hf_baseline(ckpt, 512, gen)
             except Exception as e:
                 print(f"[hf] {model}: {type(e).__name__}: {e}"[:300], flush=True)
     try:

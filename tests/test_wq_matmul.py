@@ -56,7 +56,7 @@ def test_wq_matmul_matches_float64(bits, asm, dtype, m, n, k, group, split, bloc
         ref = xs.double() @ wq.dequantize_ref(qweight, scales, group, bits).double().T
         ref = ref if b is None else ref + b.double()
         assert _rel(out, ref) < TOL[dtype], (p is None, _rel(out, ref))
-    assert not wq._LOCKS[torch.device(DEVICE)].any(), "split-K counters must be left at zero for the next launch"
+    assert not wq._LOCKS[x.device].any(), "split-K counters must be left at zero for the next launch"  # cuda:0
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
