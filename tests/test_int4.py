@@ -77,7 +77,9 @@ def test_awq_engine_uses_packed_weights_and_caches_them(tmp_path, monkeypatch):
     first = build_engine("quant=awq")
     assert calls == ["_awq"]  # the spy sees the calibration (were it moved, this fails rather than pass blind)
     swapped = [m for m in first.model.modules() if isinstance(m, Int4Linear)]
-    assert len(swapped) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers; lm_head stays dense
+    # q|k|v, o, gate|up, down in each of the 2 layers, fused: AWQ's input scales are shared where inputs are; the
+    # lm_head stays dense
+    assert len(swapped) == 2 * 4
     assert all(m.qweight.dtype == torch.uint8 for m in swapped)
     second = build_engine("quant=awq")  # same quant hash: the calibrated weights come from the cache
     assert calls == ["_awq"], calls  # no second calibration: equal tensors alone would pass a bypassed cache
@@ -85,3 +87,38 @@ def test_awq_engine_uses_packed_weights_and_caches_them(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(qw(first), qw(second)))
     dense = build_engine("quant=fp16")
     assert first.memory().weight_bytes < 0.7 * dense.memory().weight_bytes
+
+
+def test_awq_shares_one_input_scale_where_linears_share_an_input():
+    """q|k|v and gate|up get one pre_quant_scale each (ModelOpt's own re-smoothing for fused QKV), so kvexp fuses
+    them; the re-smoothed model stays about as close to the float model as ModelOpt's per-linear scales left it."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    reference = copy.deepcopy(model)
+    calib = torch.randint(0, 256, (8, 64))
+    test = torch.randint(0, 256, (4, 64))
+    with torch.no_grad():
+        mtq.quantize(model, mtq.INT4_AWQ_CFG, lambda m: m(calib))
+        want = reference(test).logits.double()
+
+        def error() -> float:
+            return ((model(test).logits.double() - want).norm() / want.norm()).item()
+
+        per_linear = error()
+        scales = lambda: [[m.input_quantizer.pre_quant_scale for m in g] for layer in model.model.layers for g in
+                          ((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                           (layer.mlp.gate_proj, layer.mlp.up_proj))]
+        assert any(not torch.equal(g[0], g[1]) for g in scales())  # AWQ's search did give each linear its own
+        weights.share_input_scales(model)
+        assert all(torch.equal(g[0], m) for g in scales() for m in g)
+        shared = error()
+    assert 0 < shared < 1.25 * per_linear + 1e-3, (shared, per_linear)
+    state = export_int4(model, 128)
+    q, k = (state[f"model.layers.0.self_attn.{n}_proj.pre_scale"] for n in "qk")
+    assert torch.equal(q, k)  # what kvexp's fuse_projections needs to merge them
