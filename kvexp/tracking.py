@@ -395,9 +395,18 @@ class Tracker:
         return self.jobs(f"tags.`{TAG}sweep_id` = '{sweep_id}'")
 
     def read_text(self, run_id: str, name: str) -> str:
-        """The text of the run's artifact name (a path under its artifact root)."""
-        with tempfile.TemporaryDirectory() as tmp:
-            return Path(self.client.download_artifacts(run_id, name, tmp)).read_text()
+        """The text of the run's artifact name (a path under its artifact root), with MLflow's download progress
+        bar off: a sweep's closing table reads a small file per run and task, and each bar was a console line."""
+        key, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ[key] = "false"
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                return Path(self.client.download_artifacts(run_id, name, tmp)).read_text()
+        finally:
+            if before is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = before
 
 
 @dataclass(frozen=True)

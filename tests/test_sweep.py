@@ -42,10 +42,11 @@ def _fp16_engine_reproduces_the_cached_reference(fp16: dict, int8: dict, monkeyp
     assert fresh["fid.greedy_agree"] == fp16["fid.greedy_agree"] == 1
 
 
-# What the console must not show: other libraries' INFO lines and warnings, git's complaint outside a repository,
-# and a reference stage for jobs that compute no reference
+# What the console must not show: other libraries' INFO lines, warnings and progress bars (MLflow's per download), git's
+# complaint outside a repository, and a reference stage for jobs that compute no reference
 NOISE = ("fatal: not a git repository", "][lm_eval", "INFO lm_eval", "generated new fontManager", "is not tested",
-         "KV Cache quantization", "Inserted", "fidelity reference", "computing the fp16 reference")
+         "KV Cache quantization", "Inserted", "fidelity reference", "computing the fp16 reference",
+         "Downloading artifacts")
 
 
 def _the_console_keeps_what_a_user_needs_and_the_log_has_the_rest(proc, tracker, by_quant) -> None:
