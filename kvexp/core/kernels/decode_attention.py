@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 
 from kvexp.core.kernels import require_triton
+from kvexp.core.kernels.ptx import int4_halves_f16
 from kvexp.core.kernels.kv_write import DYNAMIC, FMT_CODES, MODEL_DTYPES, NO_SCALE, STATIC, scale_mode, scale_strides
 from kvexp.core.formats import FORMATS, dequantize
 
@@ -51,7 +52,7 @@ TUNED_HEAD_DIM = 64  # the head dim DEFAULT_CONFIGS are chosen at (Llama-3.2-1B'
 #   cvt  K and V converted to the queries' dtype by Triton's casts (int8: byte permutes and HADD2 already);
 #        dots in that dtype
 #   asm  K and V converted to float16 by inline PTX (_int8_to_f16_asm, _e4m3_to_f16_asm,
-#        _int4_halves_f16_asm); float16 dots, queries normalized per row
+#        ptx.int4_halves_f16); float16 dots, queries normalized per row
 # The PTX is marked impure on purpose: Triton then converts the tile where it was loaded and hands the
 # float16 tile to the dot through shared memory (ldmatrix), instead of hoisting the conversion into the
 # dot's operand layout, where 8-bit tiles are read from shared memory a byte pair at a time (ptxas, sm_90,
@@ -134,35 +135,11 @@ def _e4m3_to_f16_asm(x):
 
 
 @triton.jit
-def _int4_halves_f16_asm(x):
-    """int4 bytes (low nibble: even element) -> (even, odd) float16 code - 8 (exact), 8 values in 10
-    instructions: lop3 puts a nibble under 0x6400 (1024 + c, or 1024 + 16 c for the high one), then one
-    sub.f16x2 of 1032 or one fma.f16x2 by 1/16 minus 72 per 2 values (the AWQ / FasterTransformer trick)."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 x, y, c, s, t;
-        prmt.b32 x, $4, $4, 0x3120;
-        shr.b32 y, x, 8;
-        lop3.b32 $0, x, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 $1, y, 0x000F000F, 0x64006400, 0xEA;
-        lop3.b32 $2, x, 0x00F000F0, 0x64006400, 0xEA;
-        lop3.b32 $3, y, 0x00F000F0, 0x64006400, 0xEA;
-        mov.b32 c, 0x64086408;
-        mov.b32 s, 0x2C002C00;
-        mov.b32 t, 0xD480D480;
-        sub.f16x2 $0, $0, c;
-        sub.f16x2 $1, $1, c;
-        fma.rn.f16x2 $2, $2, s, t;
-        fma.rn.f16x2 $3, $3, s, t;
-        }""", "=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=False, pack=4)
-
-
-@triton.jit
 def _int4_halves(x, ASM: tl.constexpr):
     """Packed int4 tile -> (even, odd) elements as float16 code - 8. Without ASM (Triton's interpreter runs
     no PTX) the same values from Triton ops."""
     if ASM:
-        lo, hi = _int4_halves_f16_asm(x)
+        lo, hi = int4_halves_f16(x)
     else:
         lo, hi = ((x & 0xF).to(tl.int32) - 8).to(tl.float16), ((x >> 4).to(tl.int32) - 8).to(tl.float16)
     return lo, hi

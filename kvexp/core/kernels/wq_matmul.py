@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 
 from kvexp.core.kernels import require_triton
-from kvexp.core.kernels.decode_attention import _int4_halves_f16_asm  # one PTX unpack for attention and GEMV
+from kvexp.core.kernels.ptx import int4_halves_bf16, int4_halves_f16
 
 try:
     import triton
@@ -131,32 +131,6 @@ def split_for(cfg: MatmulConfig, n_tiles: int, n_groups: int, sms: int) -> int:
 
 
 @triton.jit
-def _int4_halves_bf16_asm(x):
-    """int4 bytes (low nibble: even element) -> (even, odd) bfloat16 code - 8 (exact), 8 values in 13 instructions:
-    lop3 puts a nibble under bfloat16's 128.0 (0x4300: 128 + c, exact, the mantissa's step there being 1), one
-    fma.rn.bf16x2 by 1 minus 136 per 2 values. bfloat16's 7 mantissa bits have no room for a high nibble in place
-    (float16's trick), so it is shifted down first. Same element order as _int4_halves_f16_asm."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 x, y, xh, yh, one, c;
-        prmt.b32 x, $4, $4, 0x3120;
-        shr.b32 y, x, 8;
-        shr.b32 xh, x, 4;
-        shr.b32 yh, x, 12;
-        lop3.b32 $0, x, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 $1, y, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 $2, xh, 0x000F000F, 0x43004300, 0xEA;
-        lop3.b32 $3, yh, 0x000F000F, 0x43004300, 0xEA;
-        mov.b32 one, 0x3F803F80;
-        mov.b32 c, 0xC308C308;
-        fma.rn.bf16x2 $0, $0, one, c;
-        fma.rn.bf16x2 $1, $1, one, c;
-        fma.rn.bf16x2 $2, $2, one, c;
-        fma.rn.bf16x2 $3, $3, one, c;
-        }""", "=r,=r,=r,=r,r", [x], dtype=(tl.bfloat16, tl.bfloat16), is_pure=False, pack=4)
-
-
-@triton.jit
 def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
                GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, X_FP8: tl.constexpr,
                ASM: tl.constexpr):
@@ -177,9 +151,9 @@ def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_
             # attention kernel's int4 path), where Triton's casts issue one I2F per value and bound the kernel by
             # its ALU, not its bytes; the even and odd columns are two dots, with x split to match in registers.
             if dtype == tl.bfloat16:
-                we, wo = _int4_halves_bf16_asm(wb)
+                we, wo = int4_halves_bf16(wb)
             else:
-                we, wo = _int4_halves_f16_asm(wb)
+                we, wo = int4_halves_f16(wb)
             xe, xo = tl.split(tl.reshape(xa, (xa.shape[0], GROUP // 2, 2)))
             return tl.dot(xe, tl.trans(we)) + tl.dot(xo, tl.trans(wo))
         # nibbles interleaved back in registers (join puts the pair in one thread)
