@@ -67,18 +67,23 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
-def _quantize_store(src, src_off, dst, dst_off, scale_ptr, scale_off, FMT: tl.constexpr,
-                    QMAX: tl.constexpr, SCALES: tl.constexpr, D: tl.constexpr):
-    """Quantize the [D] vector at src + src_off into dst + dst_off ([D], int4: [D/2] bytes); dynamic: also
-    store its scale. FMT: 1 int8, 2 fp8, 3 int4 (codes q + 8 in [0, 15], two per byte, low nibble first)."""
-    _quantize_store_values(tl.load(src + src_off).to(tl.float32), dst, dst_off, scale_ptr, scale_off, FMT, QMAX,
-                           SCALES, D)
+def _store_kv(k, v, k_cache, v_cache, dst, k_scale, v_scale, scale_off, FMT: tl.constexpr, QMAX: tl.constexpr,
+              SCALES: tl.constexpr, D: tl.constexpr):
+    """Store one token's [D] key and value vectors (model-dtype values in registers) at dst of the caches: as they
+    are for a dense cache (SCALES 0), else quantized (_quantize_store)."""
+    if SCALES == 0:
+        tl.store(k_cache + dst, k)
+        tl.store(v_cache + dst, v)
+    else:
+        _quantize_store(k.to(tl.float32), k_cache, dst, k_scale, scale_off, FMT, QMAX, SCALES, D)
+        _quantize_store(v.to(tl.float32), v_cache, dst, v_scale, scale_off, FMT, QMAX, SCALES, D)
 
 
 @triton.jit
-def _quantize_store_values(x, dst, dst_off, scale_ptr, scale_off, FMT: tl.constexpr, QMAX: tl.constexpr,
-                           SCALES: tl.constexpr, D: tl.constexpr):
-    """_quantize_store of a [D] float32 vector already in registers (x holds model-dtype values)."""
+def _quantize_store(x, dst, dst_off, scale_ptr, scale_off, FMT: tl.constexpr, QMAX: tl.constexpr,
+                    SCALES: tl.constexpr, D: tl.constexpr):
+    """Quantize the [D] float32 vector x (model-dtype values) into dst + dst_off ([D], int4: [D/2] bytes); dynamic:
+    also store its scale. FMT: 1 int8, 2 fp8, 3 int4 (codes q + 8 in [0, 15], two per byte, low nibble first)."""
     if SCALES == 1:
         amax = tl.maximum(tl.max(tl.abs(x), 0), 1e-6)
         scale = _round_to_bf16(tl.div_rn(amax, QMAX))
@@ -111,13 +116,9 @@ def _write_kv_kernel(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
     d = tl.arange(0, D)
     src = b * s_nb + h * s_nh + i * s_nt + d * s_nd
     dst = b * s_cb + h * s_ch + t * s_ct + (tl.arange(0, D // 2) if FMT == 3 else d) * s_cd
-    if SCALES == 0:
-        tl.store(k_cache + dst, tl.load(k_new + src))
-        tl.store(v_cache + dst, tl.load(v_new + src))
-    else:
-        scale_off = b * s_sb + h * s_sh + t * s_st  # static scales come with s_sb = s_st = 0
-        _quantize_store(k_new, src, k_cache, dst, k_scale, scale_off, FMT, QMAX, SCALES, D)
-        _quantize_store(v_new, src, v_cache, dst, v_scale, scale_off, FMT, QMAX, SCALES, D)
+    scale_off = b * s_sb + h * s_sh + t * s_st  # static scales come with s_sb = s_st = 0
+    _store_kv(tl.load(k_new + src), tl.load(v_new + src), k_cache, v_cache, dst, k_scale, v_scale, scale_off, FMT,
+              QMAX, SCALES, D)
 
 
 @triton.jit
@@ -167,17 +168,10 @@ def _rope_write_kernel(qkv, cos, sin, q_out, k_cache, v_cache, k_scale, v_scale,
         # the rotated key is rounded to the model dtype first, as the torch path stores it / quantizes it
         k = tl.join(_to_model_dtype(lo, qkv.dtype.element_ty), _to_model_dtype(hi, qkv.dtype.element_ty))  # [HALF, 2]
         k = tl.reshape(tl.permute(k, (1, 0)), [D])  # lo then hi
-        v_src = row + (HQ + HKV + kvh) * D + tl.arange(0, D)
-        d = tl.arange(0, D)
-        dst = b * s_cb + kvh * s_ch + t * s_ct + (tl.arange(0, D // 2) if FMT == 3 else d) * s_cd
-        if SCALES == 0:
-            tl.store(k_cache + dst, k)
-            tl.store(v_cache + dst, tl.load(v_src))
-        else:
-            scale_off = b * s_sb + kvh * s_sh + t * s_st
-            _quantize_store_values(k.to(tl.float32), k_cache, dst, k_scale, scale_off, FMT, QMAX, SCALES, D)
-            _quantize_store_values(tl.load(v_src).to(tl.float32), v_cache, dst, v_scale, scale_off, FMT, QMAX,
-                                   SCALES, D)
+        v = tl.load(row + (HQ + HKV + kvh) * D + tl.arange(0, D))
+        dst = b * s_cb + kvh * s_ch + t * s_ct + (tl.arange(0, D // 2) if FMT == 3 else tl.arange(0, D)) * s_cd
+        _store_kv(k, v, k_cache, v_cache, dst, k_scale, v_scale, b * s_sb + kvh * s_sh + t * s_st, FMT, QMAX, SCALES,
+                  D)
 
 
 def scale_mode(fmt: str, k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], hkv: int) -> int:
@@ -207,6 +201,19 @@ def scale_strides(mode: int, k_scale: Optional[torch.Tensor]) -> tuple[int, int,
     return (0, k_scale.stride(0), 0) if mode == STATIC else (0, 0, 0)
 
 
+def _check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, fmt: str, dtype: torch.dtype, B: int, hkv: int,
+                  D: int, pos: torch.Tensor) -> None:
+    """One layer's caches for n new tokens of B sequences, Hkv heads of D (a power of two, >= 4) in `dtype`: the
+    format's storage dtype, one layout for K and V, [B, Hkv, Tmax, D] (int4: D/2), and pos [B]."""
+    storage = dtype if fmt == "dense" else FORMATS[fmt].storage
+    if k_cache.dtype != storage or v_cache.dtype != storage or k_cache.stride() != v_cache.stride():
+        raise ValueError(f"fmt {fmt!r} with {dtype} inputs needs {storage} caches of one layout")
+    width = D // 2 if fmt == "int4" else D
+    if tuple(k_cache.shape[:2]) != (B, hkv) or k_cache.shape[3] != width or D & (D - 1) or D < 4 or pos.shape != (B,):
+        raise ValueError(f"shapes: k_cache {tuple(k_cache.shape)}, pos {tuple(pos.shape)} must be [B, Hkv, Tmax, D] "
+                         f"(int4: D/2; D a power of two) = {(B, hkv, 'Tmax', width)}, [B] = {(B,)}")
+
+
 def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], pos: torch.Tensor, fmt: str) -> None:
     """Quantize and store n new tokens per sequence, in place, in one launch (CUDA-graph capturable).
@@ -225,20 +232,13 @@ def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_
     B, hkv, n, D = k_new.shape
     if k_new.dtype not in MODEL_DTYPES or k_new.shape != v_new.shape or k_new.stride() != v_new.stride():
         raise ValueError(f"k_new/v_new must be [B, Hkv, (n,) D] float16/bfloat16 of one layout, got {k_new.dtype}")
-    storage = k_new.dtype if fmt == "dense" else FORMATS[fmt].storage
-    if k_cache.dtype != storage or v_cache.dtype != storage or k_cache.stride() != v_cache.stride():
-        raise ValueError(f"fmt {fmt!r} with {k_new.dtype} inputs needs {storage} caches of one layout")
-    width = D // 2 if fmt == "int4" else D
-    if tuple(k_cache.shape[:2]) != (B, hkv) or k_cache.shape[3] != width or D & (D - 1) or D < 2 or pos.shape != (B,):
-        raise ValueError(f"shapes: k_new {tuple(k_new.shape)}, k_cache {tuple(k_cache.shape)}, pos {tuple(pos.shape)}"
-                         " must be [B, Hkv, (n,) D], [B, Hkv, Tmax, D] (int4: D/2; D a power of two), [B]")
+    _check_caches(k_cache, v_cache, fmt, k_new.dtype, B, hkv, D, pos)
     require_triton(triton, k_new, _write_kv_kernel)
     _write_kv_kernel[(B, hkv, n)](
         k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
         *k_new.stride(), *k_cache.stride(), *scale_strides(mode, k_scale),
         D=D, SCALES=mode, FMT=FMT_CODES[fmt], QMAX=FORMATS[fmt].qmax if mode else 0.0,
         num_warps=1 if D <= 128 else 2)
-
 
 
 def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, k_cache: torch.Tensor,
@@ -261,12 +261,7 @@ def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: i
     if cos.shape != (B, 1, n, D) or sin.shape != cos.shape or cos.dtype != torch.float32 or \
             cos.stride() != sin.stride() or cos.stride(3) != 1:
         raise ValueError(f"cos/sin must be [B, 1, n, D] = {(B, 1, n, D)} float32 of one layout, got {tuple(cos.shape)}")
-    storage = qkv.dtype if fmt == "dense" else FORMATS[fmt].storage
-    width = D // 2 if fmt == "int4" else D
-    if k_cache.dtype != storage or v_cache.dtype != storage or k_cache.stride() != v_cache.stride() or \
-            k_cache.shape[0] != B or k_cache.shape[3] != width or D & (D - 1) or D < 4 or pos.shape != (B,):
-        raise ValueError(f"fmt {fmt!r}: caches [B, Hkv, Tmax, D] (int4: D/2) of {storage} for {tuple(qkv.shape)} "
-                         f"projections and pos [B], got {tuple(k_cache.shape)} {k_cache.dtype}, pos {tuple(pos.shape)}")
+    _check_caches(k_cache, v_cache, fmt, qkv.dtype, B, hkv, D, pos)
     require_triton(triton, qkv, _rope_write_kernel)
     q = torch.empty(B, heads, n, D, dtype=qkv.dtype, device=qkv.device)
     _rope_write_kernel[(B, heads + hkv, n)](
