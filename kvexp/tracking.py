@@ -397,8 +397,8 @@ class Tracker:
     def read_text(self, run_id: str, name: str) -> str:
         """The text of the run's artifact name (a path under its artifact root), with MLflow's download progress
         bar off: a sweep's closing table reads a small file per run and task, and each bar was a console line."""
-        key, before = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        os.environ[key] = "false"
+        key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # read by MLflow at each download
+        before, os.environ[key] = os.environ.get(key), "false"
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 return Path(self.client.download_artifacts(run_id, name, tmp)).read_text()
