@@ -149,6 +149,18 @@ def test_decode_attention_matches_reference(kernels, dtype, fmt, scales, group, 
     assert _rel_err(out, ref) < ATTN_TOL[dtype]
 
 
+@pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic")])
+def test_merge_splits_the_head_dim_past_64_slices(kernels, fmt, scales):
+    """Over 64 slices stage 2 reads a head in column tiles (MERGE_TILE): 100 slices of a 64-wide head are
+    two programs of 32 columns each, most slices of the short sequence empty."""
+    assert da._merge_tile(100, 64) == (128, 32)
+    q, k, v, ks, vs = _inputs(2, 4, 1, 700, 64, fmt, scales, torch.float16, seed=100)
+    lengths = torch.tensor([700, 90], dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    kernels.decode_attention(q, k, v, ks, vs, lengths, 64 ** -0.5, fmt, 100, out=out)
+    assert _rel_err(out, decode_attention_ref(q, k, v, ks, vs, lengths, 64 ** -0.5, fmt)) < 2e-3
+
+
 @pytest.mark.parametrize("head_dim", [16, 32, 128])
 @pytest.mark.parametrize("fmt,scales", [("dense", None), ("int8", "dynamic"), ("int4", "dynamic")])
 def test_decode_attention_head_dims(kernels, fmt, scales, head_dim):

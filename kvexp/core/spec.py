@@ -16,7 +16,7 @@ import torch
 
 # Bump when a change to kvexp makes the same BuildSpec produce different numbers (a kernel's rounding, a scale
 # rule, the fidelity prompts): every earlier result then counts as another experiment and runs again.
-NUMERICS_VERSION = 3  # 3: AWQ's shared input scales; the fused RoPE write, int4 GEMV tiles
+NUMERICS_VERSION = 4  # 4: decode attention's slice count and one-tile merge; 3: AWQ's shared input scales
 
 
 @dataclass(frozen=True)

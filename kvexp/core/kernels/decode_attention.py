@@ -41,11 +41,8 @@ except ImportError:  # CPU-only install: keep the reference importable, kernel c
     from kvexp.core.kernels import _MissingTriton as triton, _MissingTriton as tl
 
 H100_SMS = 132  # the target GPU; also what CPU (interpreter) runs plan for, so they test the same splits
-MAX_SPLITS = 256  # bounds stage 2's [splits] lse vector (its parts are read MERGE_CHUNK slices at a time)
-# default_num_splits' cap: on an H200 at B=1, T=32k, Qwen2.5-1.5B heads (2 kv heads) 128 slices took
-# 23.0 us against 19.5 at 64 (slices of 256 tokens are mostly fixed cost)
-DEFAULT_MAX_SPLITS = 64
-MERGE_CHUNK = 16
+MAX_SPLITS = 256  # bounds stage 2's tile: every slice of a head, MERGE_TILE // MAX_SPLITS columns of it
+MERGE_TILE = 4096
 MIN_SPLIT_TOKENS = 256  # below this a slice's fixed cost (q load, partial store, merge) dominates its reads
 TUNED_HEAD_DIM = 64  # the head dim DEFAULT_CONFIGS are chosen at (Llama-3.2-1B's)
 # How quantized tiles reach the dots (KernelConfig.dequant):
@@ -342,24 +339,28 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
 
 @triton.jit
 def _merge_kernel(part_out, part_lse, out, num_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
-                  D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
-    """Stage 2, grid (B, Hq): out = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max), the parts read
-    CHUNK slices at a time so that registers hold [CHUNK, D], not [num_splits, D]."""
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Stage 2, grid (B, Hq, D / BLOCK_D): out = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max) over
+    BLOCK_D columns of the head dim. Every slice's part is loaded as one [BLOCK_S, BLOCK_D] tile, so a
+    program's loads are all in flight at once; a loop over chunks of slices waits on each chunk in turn, and at
+    B=1 on Qwen2.5-1.5B's 12 heads (12 programs) that wait was what capped the useful number of slices."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     s = tl.arange(0, BLOCK_S)
-    lse = tl.load(part_lse + b * s_lb + h * s_lh + s, mask=s < num_splits, other=float("-inf"))
-    top = tl.max(lse, 0)
-    total = tl.sum(tl.exp2(lse - top), 0)  # empty slices: 2^-inf = 0
-    d = tl.arange(0, D)
-    o = tl.zeros([D], tl.float32)
-    for s0 in range(0, num_splits, CHUNK):
-        c = s0 + tl.arange(0, CHUNK)
-        live = c < num_splits
-        w = tl.exp2(tl.load(part_lse + b * s_lb + h * s_lh + c, mask=live, other=float("-inf")) - top)
-        parts = tl.load(part_out + b * s_pb + h * s_ph + c[:, None] * s_ps + d[None, :], mask=live[:, None], other=0.0)
-        o += tl.sum(w[:, None] * parts, 0)
-    tl.store(out + b * s_ob + h * s_oh + d, (o / total).to(out.dtype.element_ty))
+    live = s < num_splits
+    lse = tl.load(part_lse + b * s_lb + h * s_lh + s, mask=live, other=float("-inf"))
+    w = tl.exp2(lse - tl.max(lse, 0))  # empty slices: 2^-inf = 0
+    parts = tl.load(part_out + b * s_pb + h * s_ph + s[:, None] * s_ps + d[None, :], mask=live[:, None], other=0.0)
+    o = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+    tl.store(out + b * s_ob + h * s_oh + d, o.to(out.dtype.element_ty))
+
+
+def _merge_tile(splits: int, head_dim: int) -> tuple[int, int]:
+    """Stage 2's (BLOCK_S, BLOCK_D): every slice, and as many columns as keep the tile within MERGE_TILE
+    values (32 fp32 registers a thread at 4 warps)."""
+    block_s = max(16, triton.next_power_of_2(splits))
+    return block_s, max(16, min(head_dim, MERGE_TILE // block_s))
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: Optional[torch.Tensor],
@@ -398,10 +399,11 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, device: torch.de
     """Slices per sequence: as many stage-1 programs as fit on the GPU at once (4 per SM: ncu shows ~128
     registers and ~39 KB of shared memory per program), rounded DOWN: one more slice per sequence would start
     a second, nearly empty wave (measured on an H200 at B=8, T=32k: int8 140 -> 115 us at 8 splits instead of
-    9). Small batches at long context still keep every SM streaming; no slice is shorter than MIN_SPLIT_TOKENS
-    of the cache's capacity."""
+    9). Small batches at long context still keep every SM streaming (H200, B=1, T=32k, Qwen2.5-1.5B's 2 kv heads,
+    int8: 64 slices 21.1 us, 128 14.5, since stage 2 reads all slices at once); no slice is shorter than
+    MIN_SPLIT_TOKENS of the cache's capacity."""
     want = 4 * _sm_count(device) // (batch * kv_heads)
-    return max(1, min(want, -(-max_len // MIN_SPLIT_TOKENS), DEFAULT_MAX_SPLITS))
+    return max(1, min(want, -(-max_len // MIN_SPLIT_TOKENS), MAX_SPLITS))
 
 
 def default_config(fmt: str, head_dim: int) -> KernelConfig:
@@ -467,10 +469,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale:
         SCALES=mode, K_NATURAL=config.k_natural,
         NORM_V=config.norm_v_scale or q.dtype == torch.float16 or dequant != "cvt",
         num_warps=config.num_warps, num_stages=config.num_stages)
-    _merge_kernel[(B, hq)](
+    block_s, block_d = _merge_tile(splits, D)
+    _merge_kernel[(B, hq, D // block_d)](
         part_out, part_lse, out, splits, *part_out.stride()[:3], *part_lse.stride()[:2],
-        out.stride(0), out.stride(1), D=D, BLOCK_S=max(16, triton.next_power_of_2(splits)),
-        CHUNK=MERGE_CHUNK, num_warps=4)
+        out.stride(0), out.stride(1), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
     return out
 
 
