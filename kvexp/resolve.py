@@ -57,6 +57,7 @@ def build_spec(cfg: KvexpConfig, options, cls=None) -> BuildSpec:
     dtype = resolve_dtype(cfg.model.dtype, device)
     q, cache_dir = cfg.quant, resolve_cache_dir(cfg.cache_dir)
     kv = KVFormatSpec(q.kv_cache.dtype, q.kv_cache.scale, q.kv_cache.granularity)
+    options = cls.resolve_options(options, cfg, device, dtype)
     resolved = dataclasses.asdict(options) | ({"device": str(device)} if hasattr(options, "device") else {})
     return BuildSpec(
         engine=options.name, model=cfg.model.path,

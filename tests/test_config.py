@@ -52,6 +52,9 @@ def test_hash_ignores_where_not_what():
     (["quant=fp8", "engine=hf"], "quant.weights"),  # fp8 weights: not on engine=hf, names the engines that have them
     (["engine.device=tpu"], "engine.device=tpu"),
     (["engine.nope=1"], "engine.nope"),
+    (["engine.int4_kernel=fast"], "engine.int4_kernel=fast"),
+    (["engine.int4_kernel=reference"], "engine.int4_kernel=reference"),  # what auto resolves to, not an input
+    (["quant=awq", "quant.weights.algo=rtn", "engine.int4_kernel=tinygemm"], "engine.int4_kernel=tinygemm"),  # CPU
     (["quant=fp16,int8kv"], "-m"),  # a sweep without multirun
     (["eval.tasks=[kvexp_paskey]"], "kvexp_passkey"),  # an unknown task: close matches, before any build
 ])

@@ -111,3 +111,23 @@ def test_organism_recalls_through_the_triton_kernel(tmp_path):
     print(f"\norganism on {torch.cuda.get_device_name()}: trained (CPU) in {report['train_s']:.0f} s, "
           f"teacher-forced recall {report['recall_at_train_len']:.3f}; greedy recall at {organism.TRAIN_LEN}: {scores}")
     assert scores["fp16"] >= 0.9 and abs(scores["int8kv"] - scores["fp16"]) <= 0.03, scores
+
+
+def test_int4_kernel_follows_the_batch_and_both_kernels_agree():
+    """engine.int4_kernel=auto: tinygemm for a batch-1 job, the Triton W4A16 kernel for batch 8 (resolved at
+    preflight, TorchEngine.resolve_options); every int4 layer runs what the BuildSpec says, and the two give the
+    same logits to bf16 rounding."""
+    extra = ("quant=awq", "quant.weights.algo=rtn", *GPU)
+    engines = {b: build_engine(*extra, f"bench.batch_size={b}") for b in (1, 8)}
+    logits = {}
+    for batch, engine in engines.items():
+        kernel = engine.spec.build.options["int4_kernel"]
+        assert kernel == ("tinygemm" if batch == 1 else "triton")
+        kernels = {m.kernel for m in engine.model.modules() if isinstance(m, Int4Linear)}
+        assert kernels == {kernel}, kernels
+        tokens = torch.arange(3, 40, device="cuda")[None]
+        with torch.inference_mode():
+            cache = engine.new_cache(1, 64)
+            hidden = engine.model(tokens, torch.zeros(1, dtype=torch.long, device="cuda"), cache, "prefill")
+            logits[batch] = engine.model.logits(hidden[:, -1]).float()
+    assert ((logits[1] - logits[8]).norm() / logits[8].norm()).item() < 2e-2

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_spec, save_checkpoint
+from conftest import compose, make_spec, save_checkpoint
 
 from kvexp import artifacts, checkpoint
 from kvexp.core import memory, spec as core_spec
@@ -96,6 +96,37 @@ def test_auto_is_resolved_before_hashing():
     assert base.build.device == "cpu" and base.build.dtype == "float32"
     assert make_spec("model.dtype=float32", "engine.device=cpu").config_hash == base.config_hash
     assert make_spec("model.dtype=bfloat16").config_hash != base.config_hash
+
+
+def test_the_int4_kernel_is_resolved_per_job_into_the_build_spec(monkeypatch):
+    """engine.int4_kernel=auto becomes what will run: on an sm80+ GPU tinygemm at batch 1 in bf16 and the
+    Triton kernel at batch 8 or in fp16 (two BuildSpecs, two runs); the reference on the CPU; 'none' without int4
+    layers. What the user names is checked against the device and dtype at preflight."""
+    from omegaconf import OmegaConf
+
+    from kvexp.engines.torch_engine.engine import TorchEngine
+    from kvexp.errors import UnsupportedConfig
+
+    def resolved(*overrides, device="cpu", dtype=torch.bfloat16):
+        cfg = compose("experiment=smoke", *overrides)
+        options = TorchEngine.parse_options(OmegaConf.to_container(cfg, resolve=True)["engine"])
+        return TorchEngine.resolve_options(options, OmegaConf.to_object(cfg), torch.device(device), dtype).int4_kernel
+
+    awq = ("quant=awq", "quant.weights.algo=rtn")
+    assert make_spec(*awq).build.options["int4_kernel"] == "reference"  # this CPU
+    assert make_spec("quant=fp16").build.options["int4_kernel"] == "none"
+    assert make_spec("quant=fp16", "quant.weights.lm_head=int4").build.options["int4_kernel"] == "reference"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolved(*awq, "bench.batch_size=1", device="cuda:0") == "tinygemm"
+    assert resolved(*awq, "bench.batch_size=8", device="cuda:0") == "triton"
+    assert resolved(*awq, "bench.batch_size=1", device="cuda:0", dtype=torch.float16) == "triton"
+    assert resolved(*awq, "bench.batch_size=8", "engine.int4_kernel=tinygemm", device="cuda:0") == "tinygemm"
+    with pytest.raises(UnsupportedConfig, match="engine.int4_kernel=tinygemm: needs model.dtype=bfloat16"):
+        resolved(*awq, "engine.int4_kernel=tinygemm", device="cuda:0", dtype=torch.float16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    assert resolved(*awq, device="cuda:0", dtype=torch.float16) == "dequant"
+    with pytest.raises(UnsupportedConfig, match="compute capability 8.0"):
+        resolved(*awq, "engine.int4_kernel=triton", device="cuda:0", dtype=torch.float16)
 
 
 def test_the_machine_and_the_numerics_version_are_in_the_hash(monkeypatch):

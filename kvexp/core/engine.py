@@ -124,6 +124,12 @@ class Engine(ABC):
         (an engine with several, like engine=torch, says which; a combination none serves is UnsupportedConfig)."""
         return cls.name
 
+    @classmethod
+    def resolve_options(cls, options: Any, cfg: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        """options with every 'auto' this engine leaves to preflight resolved for this job (cfg: its
+        KvexpConfig), so that the BuildSpec records what will run; UnsupportedConfig where nothing can."""
+        return options
+
     # ---- the engine proper ----
     @abstractmethod
     def build(self) -> BuildInfo:

@@ -2,6 +2,7 @@
 (CUDA-graph captured on GPUs) and teacher-forced scoring. Runs on CPU, T4 and any CUDA GPU."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 from dataclasses import dataclass
@@ -24,12 +25,24 @@ class TorchOptions:
     device: str  # auto | cpu | cuda | cuda:N
     attention: str  # auto | triton | torch
     cuda_graphs: bool
+    int4_kernel: str = "auto"  # auto | tinygemm | triton; resolved per job (TorchEngine.resolve_options)
 
     def __post_init__(self):
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"engine.device={self.device}: not one of auto, cpu, cuda, cuda:N")
         if self.attention not in ("auto", "triton", "torch"):
             raise ConfigError(f"engine.attention={self.attention}: not one of auto, triton, torch")
+        if self.int4_kernel not in INT4_CHOICES + RESOLVED_INT4:
+            raise ConfigError(f"engine.int4_kernel={self.int4_kernel}: not one of {', '.join(INT4_CHOICES)}")
+
+
+INT4_CHOICES = ("auto", "tinygemm", "triton")
+RESOLVED_INT4 = ("dequant", "reference", "none")  # what auto becomes off sm80+ GPUs, and without int4 weights
+# auto's batch rule, from the H200 side by side (docs/benchmarks.md, issue 14): at batch 1 tinygemm decodes
+# 1.25x / 1.22x fp16 (Llama-3.2-1B / Qwen2.5-1.5B shapes) against the Triton W4A16 kernel's 1.04x / 1.06x; at
+# batch 8 Triton wins every projection (gate|up 16.7 against 26.6 us) and its prefill (TTFT 0.82x fp16 against
+# tinygemm's 6.1x, whose tiles serve few rows). Batches 2-7 were not measured; they take Triton.
+TINYGEMM_MAX_BATCH = 1
 
 
 def kv_format(kv_dtype: str) -> str:
@@ -81,6 +94,31 @@ class TorchEngine(Engine):
                                     f"{names} queries; use model.dtype=auto|{names}, or engine.attention=torch")
         return f"triton:{fmt}"
 
+    @classmethod
+    def resolve_options(cls, options: TorchOptions, cfg, device: torch.device, dtype: torch.dtype) -> TorchOptions:
+        """engine.int4_kernel for this job's int4 weights: auto -> tinygemm up to TINYGEMM_MAX_BATCH sequences
+        (bench.batch_size) in bf16, else the Triton W4A16 kernel, on sm80+ GPUs; dequantize + GEMM on older GPUs
+        and the PyTorch reference on the CPU. 'none' where no layer is int4 (weights or output head)."""
+        kernel = options.int4_kernel
+        if kernel not in INT4_CHOICES:  # a resolved value is what the BuildSpec records, not an input
+            raise ConfigError(f"engine.int4_kernel={kernel}: not one of {', '.join(INT4_CHOICES)}")
+        if cfg.quant.weights.dtype != "int4" and cfg.quant.weights.lm_head != "int4":
+            return dataclasses.replace(options, int4_kernel="none")
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        sm80 = capability is not None and capability[0] >= 8
+        if kernel == "auto":
+            kernel = ("tinygemm" if cfg.bench.batch_size <= TINYGEMM_MAX_BATCH and dtype == torch.bfloat16
+                      else "triton") if sm80 else "dequant" if device.type == "cuda" else "reference"
+        elif not sm80:
+            here = "a CPU" if capability is None else f"compute capability {capability[0]}.{capability[1]}"
+            raise UnsupportedConfig(f"engine.int4_kernel={kernel}: needs a CUDA GPU of compute capability 8.0+ "
+                                    f"(here {here}); use engine.int4_kernel=auto")
+        elif kernel == "tinygemm" and dtype != torch.bfloat16:
+            raise UnsupportedConfig(f"engine.int4_kernel=tinygemm: needs model.dtype=bfloat16 (torch's int4 kernel "
+                                    f"takes bf16 only), here {str(dtype).removeprefix('torch.')}; use "
+                                    "engine.int4_kernel=triton")
+        return dataclasses.replace(options, int4_kernel=kernel)
+
     # ---- build ----
     def build(self) -> BuildInfo:
         start = time.perf_counter()
@@ -99,7 +137,7 @@ class TorchEngine(Engine):
         self.model.fuse_projections()
         if self.device.type == "cuda":
             self.model.ops = fused.compiled()
-            kernels = self.model.prepare_kernels()
+            kernels = self.model.prepare_kernels(int4=self.spec.build.options["int4_kernel"])
             metrics |= {f"kernels.{k}": n for k, n in kernels.items()}
             metrics["quant.int4_fast_layers"] = kernels.get("int4.triton", 0) + kernels.get("int4.tinygemm", 0)
         self.kv_scales = None
