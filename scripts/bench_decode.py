@@ -127,9 +127,9 @@ def part_a(quick: bool, sweep: bool = False) -> list[dict]:
 
 @contextmanager
 def kernels(dense: str, packed: str):
-    """Engines built inside use these linear kernels (an engine asks CausalLM.prepare_kernels for 'auto')."""
+    """Engines built inside use these linear kernels; packed 'auto' keeps the engine's engine.int4_kernel."""
     original = CausalLM.prepare_kernels
-    CausalLM.prepare_kernels = lambda self, **_: original(self, dense, packed)  # over the engine's choice
+    CausalLM.prepare_kernels = lambda self, int4="auto": original(self, dense, int4 if packed == "auto" else packed)
     try:
         yield
     finally:

@@ -82,7 +82,7 @@ def test_decode_step_through_the_triton_linears_matches_the_reference_path(monke
         pytest.skip(_kernel_skip_reason())
     from kvexp.core.int4 import DenseLinear, PackedLinear
 
-    monkeypatch.setattr(PackedLinear, "prepare", lambda self, kernel="auto": setattr(self, "kernel", "triton") or "triton")
+    monkeypatch.setattr(PackedLinear, "prepare", lambda self, kernel="auto", **_: setattr(self, "kernel", "triton") or "triton")
     for quant in (["quant=fp16"], ["quant=awq", "quant.weights.algo=rtn"]):
         engine = build_engine(*quant, "model.dtype=float16", "engine.device=cpu")
         model = engine.model

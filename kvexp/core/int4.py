@@ -105,8 +105,9 @@ class PackedLinear(nn.Module):
         """The dense weight [N, K] float32 (reference math)."""
         return dequantize_ref(self.qweight, self.scales, self.group, self.bits)
 
-    def prepare(self, kernel: str = "auto") -> str:
-        """Choose the kernel for this layer's device and dtype ('auto': the fastest supported); returns it."""
+    def prepare(self, kernel: str = "auto", tinygemm_first: bool = True) -> str:
+        """Choose the kernel for this layer's device and dtype; returns it. 'auto': the first that its device,
+        dtype and shape allow of tinygemm (unless not tinygemm_first), triton, dequant, reference."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel}: not one of {', '.join(KERNELS)}")
         dev = self.qweight.device
@@ -115,8 +116,8 @@ class PackedLinear(nn.Module):
         dtype = self.qweight.dtype if self.bits == 16 else self.scales.dtype
         gpu = dev.type == "cuda" and triton_available() and dtype in (torch.float16, torch.bfloat16)
         sm80 = gpu and torch.cuda.get_device_capability(dev)[0] >= 8
-        if kernel == "auto":  # int4: tinygemm won the H200 side by side (docs/benchmarks.md, issue 14)
-            tinygemm = self.bits == 4 and sm80 and self._prepare_tinygemm()
+        if kernel == "auto":  # int4 at batch 1: tinygemm won the H200 side by side (docs/benchmarks.md, issue 14)
+            tinygemm = tinygemm_first and self.bits == 4 and sm80 and self._prepare_tinygemm()
             kernel = "tinygemm" if tinygemm else "triton" if sm80 and self.group % 32 == 0 else \
                 "dequant" if gpu else "reference"
         if kernel == "tinygemm" and self.tg_weight is None and not self._prepare_tinygemm():

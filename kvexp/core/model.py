@@ -228,10 +228,11 @@ class CausalLM(nn.Module):
                 del mlp.gate_proj, mlp.up_proj
 
     def prepare_kernels(self, dense: str = "auto", int4: str = "auto") -> dict[str, int]:
-        """Choose the linears' kernels for this device (after fuse_projections): int4 layers get `int4`
-        (int4.KERNELS; 'tinygemm' where a layer's shape allows it, else 'triton'), int8 ones 'auto'; dense
-        projections and the head run the Triton GEMV for decode rows when dense is 'triton' ('auto': on CUDA
-        sm80+), else stay nn.Linear (cuBLAS). Returns {'int4.triton': layers, ...}: what each layer runs."""
+        """Choose the linears' kernels for this device (after fuse_projections): packed layers take the first
+        kernel their shape allows in PackedLinear.prepare's 'auto' order, with the Triton kernel ahead of
+        tinygemm where int4 is 'triton' (engine.int4_kernel); dense projections and the head run the Triton GEMV
+        for decode rows when dense is 'triton' ('auto': on CUDA sm80+), else stay nn.Linear (cuBLAS). Returns
+        {'int4.triton': layers, ...}: what each layer runs."""
         count: dict[str, int] = {}
         device = self.model.embed_tokens.weight.device
         if dense == "auto":
@@ -243,10 +244,7 @@ class CausalLM(nn.Module):
                     child = DenseLinear.from_linear(child)
                     setattr(parent, name, child)
                 if isinstance(child, PackedLinear):
-                    kernel = "auto" if child.bits != 4 else int4
-                    if kernel == "tinygemm" and not child.prepare_tinygemm():
-                        kernel = "triton"  # group or shape outside tinygemm's: counted under int4.triton
-                    key = f"{child.fmt}.{child.kernel if kernel == 'tinygemm' else child.prepare(kernel)}"
+                    key = f"{child.fmt}.{child.prepare('auto', tinygemm_first=int4 != 'triton')}"
                     count[key] = count.get(key, 0) + 1
         return count
 

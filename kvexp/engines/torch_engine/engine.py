@@ -98,7 +98,8 @@ class TorchEngine(Engine):
     def resolve_options(cls, options: TorchOptions, cfg, device: torch.device, dtype: torch.dtype) -> TorchOptions:
         """engine.int4_kernel for this job's int4 weights: auto -> tinygemm up to TINYGEMM_MAX_BATCH sequences
         (bench.batch_size) in bf16, else the Triton W4A16 kernel, on sm80+ GPUs; dequantize + GEMM on older GPUs
-        and the PyTorch reference on the CPU. 'none' where no layer is int4 (weights or output head)."""
+        and the PyTorch reference on the CPU. 'none' where no layer is int4 (weights or output head). A layer whose
+        shape the chosen kernel does not take runs the next of PackedLinear.prepare's order (kernels.int4.* count)."""
         kernel = options.int4_kernel
         if kernel not in INT4_CHOICES:  # a resolved value is what the BuildSpec records, not an input
             raise ConfigError(f"engine.int4_kernel={kernel}: not one of {', '.join(INT4_CHOICES)}")
