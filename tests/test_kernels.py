@@ -177,8 +177,8 @@ CONFIGS = [  # the tuner's block_n (and 16), both K loads, both dequant modes; w
     da.KernelConfig(block_n=16, num_warps=1, num_stages=1, k_natural=True, norm_v_scale=False, dequant="asm"),
     da.KernelConfig(block_n=32, num_warps=2, num_stages=2, k_natural=True, dequant="asm"),
     da.KernelConfig(block_n=64, num_warps=8, num_stages=4, k_natural=False, norm_v_scale=False, dequant="asm"),
-    da.KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=True, dequant="asm"),
-    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, dequant="cvt"),
+    da.KernelConfig(block_n=128, num_warps=4, num_stages=3, k_natural=True, dequant="asm", full_blocks=True),
+    da.KernelConfig(block_n=64, num_warps=4, num_stages=3, k_natural=False, dequant="cvt", full_blocks=True),
     da.KernelConfig(block_n=32, num_warps=4, num_stages=3, k_natural=True, norm_v_scale=False, dequant="cvt"),
 ]
 
@@ -212,9 +212,11 @@ def test_default_config_keeps_block_bytes_across_head_dims():
     assert da.default_config("int8", 2 * da.TUNED_HEAD_DIM).block_n == base.block_n // 2
     assert da.default_config("dense", 256).block_n == max(16, da.DEFAULT_CONFIGS["dense"].block_n // 4)
     assert da.default_config("dense", 16).block_n == min(128, 4 * da.DEFAULT_CONFIGS["dense"].block_n)
-    for fmt, mode in da.WIDE_HEAD_DEQUANT.items():  # measured faster at D 128: replaces the format's mode there
-        assert da.default_config(fmt, 2 * da.TUNED_HEAD_DIM).dequant == mode
-        assert da.default_config(fmt, da.TUNED_HEAD_DIM // 2).dequant == da.DEFAULT_CONFIGS[fmt].dequant
+    for fmt, fields in da.WIDE_HEAD.items():  # measured faster at D 128: replace the format's there
+        for name, value in fields.items():
+            assert getattr(da.default_config(fmt, 2 * da.TUNED_HEAD_DIM), name) == value
+            assert getattr(da.default_config(fmt, da.TUNED_HEAD_DIM // 2), name) == getattr(da.DEFAULT_CONFIGS[fmt],
+                                                                                             name)
 
 
 @pytest.mark.parametrize("config", [None, da.KernelConfig(64, 4, 3, False, norm_v_scale=False)], ids=str)
