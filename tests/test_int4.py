@@ -122,3 +122,36 @@ def test_awq_shares_one_input_scale_where_linears_share_an_input():
     state = export_int4(model, 128)
     q, k = (state[f"model.layers.0.self_attn.{n}_proj.pre_scale"] for n in "qk")
     assert torch.equal(q, k)  # what kvexp's fuse_projections needs to merge them
+
+
+def test_awq_input_scales_fold_into_the_norms_and_up_rows():
+    """fold_input_scales moves q|k|v's and gate|up's shared input scale into the RMSNorm before them and down's
+    into up's output rows: the same logits (float32 rounding), no scale multiply left but o's, and the shared
+    projections still fuse."""
+    from kvexp.core.model import ArchConfig, CausalLM
+
+    torch.manual_seed(0)
+    arch = ArchConfig.from_hf(dict(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model = CausalLM(arch).float().eval()
+    for layer in model.model.layers:
+        layer.input_layernorm.weight.data.uniform_(0.5, 1.5)
+        layer.post_attention_layernorm.weight.data.uniform_(0.5, 1.5)
+        attn, mlp = layer.self_attn, layer.mlp
+        for parent, names in ((attn, ("q_proj", "k_proj", "v_proj")), (mlp, ("gate_proj", "up_proj")),
+                              (mlp, ("down_proj",)), (attn, ("o_proj",))):
+            s = torch.rand(getattr(parent, names[0]).in_features) * 3 + 0.25  # one scale per shared input
+            for name in names:
+                old = getattr(parent, name)
+                setattr(parent, name, Int4Linear(*rtn_quantize(old.weight.detach(), 32, 4), 32, s.clone(),
+                                                 None if old.bias is None else old.bias.detach()))
+    tokens = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        before = model.logits(model(tokens, torch.zeros(2, dtype=torch.long)))
+        assert model.fold_input_scales() == 2 * (3 + 2 + 1)
+        after = model.logits(model(tokens, torch.zeros(2, dtype=torch.long)))
+    left = [n for n, m in model.named_modules() if isinstance(m, Int4Linear) and m.pre_scale is not None]
+    assert left == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+    model.fuse_projections()
+    assert all(layer.self_attn.qkv is not None and layer.mlp.gate_up is not None for layer in model.model.layers)

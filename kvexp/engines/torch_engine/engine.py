@@ -170,7 +170,8 @@ class TorchEngine(Engine):
 
         path, seconds = int4_weights(self.spec, self.model_dir, self._tokenizer, self.device)
         swapped = swap_int4(self.model, path, w.group_size, self.dtype, self.device)
-        return metrics | {"quant.calib_s": seconds, "quant.int4_layers": swapped}
+        return metrics | {"quant.calib_s": seconds, "quant.int4_layers": swapped,
+                          "quant.input_scales_folded": self.model.fold_input_scales()}
 
     def _fp8_weights(self) -> dict:
         from kvexp.core.fp8 import swap_fp8
