@@ -75,7 +75,7 @@ class KernelConfig:
     dequant: str = "cvt"  # quantized formats: one of DEQUANT_MODES (dense always reads its tiles as they are)
     # Blocks wholly inside the slice loaded and scored without masks, the slice's partial last block apart: 10-24%
     # fewer loop instructions (ptxas, sm_90). On an H200 at T=32k (2026-12-03, against the masked loop, same run):
-    # int8 1.04x / 1.10x at D 64 (B 8 / 1), 0.98x / 1.12x at D 128; int4 1.20x / 1.14x at D 64, 0.90x / 1.15x at
+    # int8 1.04x / 1.01x at D 64 (B 8 / 1), 0.98x / 1.12x at D 128; int4 1.20x / 1.14x at D 64, 0.90x / 1.15x at
     # D 128; fp8 (asm at D 64) 0.69x / 0.77x, (cvt at D 128) 0.97x / 1.06x; dense 1.00x.
     full_blocks: bool = False
 
@@ -175,9 +175,8 @@ def _values(x, FMT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, DT: tl.
 
 @triton.jit
 def _tile(ptr, valid, other, MASKED: tl.constexpr):
-    """tl.load of a tile whose mask, `valid` broadcast to ptr's shape, is needed only on a slice's last,
-    partial block (MASKED): full blocks load unmasked, with no predicate per element (ptxas, sm_90: 10-24%
-    fewer loop instructions, the masks and the score select gone)."""
+    """tl.load of a tile, masked by `valid` (broadcast to ptr's shape) only where MASKED: a slice's partial last
+    block, or every block when KernelConfig.full_blocks is off."""
     if MASKED:
         x = tl.load(ptr, mask=valid, other=other)
     else:
