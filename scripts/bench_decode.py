@@ -142,7 +142,7 @@ def fp8_kernel(kernel: str):
     from kvexp.core.fp8 import Fp8Linear
 
     original = Fp8Linear.prepare
-    Fp8Linear.prepare = lambda self, _kernel="auto": original(self, kernel)
+    Fp8Linear.prepare = lambda self, _kernel="auto", tinygemm_first=True: original(self, kernel)
     try:
         yield
     finally:

@@ -108,6 +108,10 @@ def test_fp8_presets_run_on_cpu_as_numerics_only_runs():
         logp = _continuation(engine)
         kl = (base.exp() * (base - logp)).sum(-1).mean().item()
         assert 1e-7 < kl < 5e-3, (quant, kl)  # changed by e4m3 rounding, but only by a little
+        # the kernel choice that a CUDA build makes runs through the same call on every packed layer (it once
+        # passed an int4-only argument that Fp8Linear.prepare refused, which only a GPU run saw)
+        n = 7 * len(engine.model.model.layers)  # q|k|v, o, gate|up, down: 4 fused layers' 7 projections
+        assert engine.model.prepare_kernels(int4="triton") == {"fp8.reference": 4 * n // 7}
     assert not ref.spec.build.numerics_only
 
 

@@ -83,7 +83,8 @@ class Fp8Linear(PackedLinear):
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scales[:, None]
 
-    def prepare(self, kernel: str = "auto") -> str:
+    def prepare(self, kernel: str = "auto", tinygemm_first: bool = True) -> str:
+        """PackedLinear.prepare for e4m3 weights (tinygemm_first is int4's and means nothing here)."""
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel}: not one of {', '.join(KERNELS)}")
         dev = self.qweight.device
