@@ -41,7 +41,8 @@ def test_quantize_rows_ref_is_round_to_nearest_with_amax_scale():
     assert q.dtype == E4M3 and scale.dtype == torch.float32
     torch.testing.assert_close(scale, x.abs().amax(-1) / E4M3_MAX, rtol=1e-7, atol=0)
     assert torch.equal(q.float().abs().amax(-1), torch.full((7,), E4M3_MAX))  # each row's amax maps to 448
-    assert torch.equal(q.float(), _nearest_e4m3(x / scale[:, None]))
+    inv = torch.full((7,), E4M3_MAX) / x.abs().amax(-1)  # the defined rounding: x times 448 / amax, to nearest
+    assert torch.equal(q.float(), _nearest_e4m3(x * inv[:, None]))
 
 
 def test_static_scale_saturates_and_zero_rows_stay_zero():
@@ -223,7 +224,29 @@ def test_quantize_rows_kernel_is_bit_identical(static):
 
 
 @gpu
-@pytest.mark.parametrize("activations", [False, True])
+@pytest.mark.parametrize("static", [False, True])
+def test_gemv_rounds_activations_bit_for_bit_as_the_reference(static):
+    """The W8A8 GEMV rounds x to e4m3 itself: through an identity weight its output is q * scale rounded once to
+    bf16, which must equal the reference's q and scale exactly (a scale taken over the wrong rows, or a division
+    that is not IEEE, changes some of them)."""
+    from kvexp.core.kernels.wq_matmul import wq_matmul
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k = 512
+    eye = torch.eye(k, device="cuda").to(E4M3)
+    for m in (1, 5, 16):
+        x = (torch.randn(m, k, device="cuda", generator=gen) * torch.logspace(-2, 2, m, device="cuda")[:, None])
+        x = x.to(torch.bfloat16)
+        x[0, :3] = torch.tensor([0.0, 1e-30, -1e-30])
+        scale = torch.tensor(0.02, device="cuda") if static else None
+        y = wq_matmul(x, eye, torch.ones(k, device="cuda"), 128, 8, row_scale=True,
+                      x_quant="static" if static else "dynamic", x_scale=scale)
+        q, s = quantize_rows_ref(x, scale)
+        assert torch.equal(y, (q.float() * s[:, None]).to(torch.bfloat16)), m
+
+
+@gpu
+@pytest.mark.parametrize("activations", [False, True, "static"])
 @pytest.mark.parametrize("kernel", ["triton", "scaled_mm"])
 @pytest.mark.parametrize("rows", [1, 8, 16, 40])
 def test_gpu_linear_matches_the_reference(activations, kernel, rows):
@@ -231,8 +254,9 @@ def test_gpu_linear_matches_the_reference(activations, kernel, rows):
     dense = nn.Linear(2048, 3072, device="cuda")
     with torch.no_grad():
         dense.weight.normal_(0, 0.02, generator=gen)
-    layer = Fp8Linear.from_linear(dense.to(torch.bfloat16), activations)
     x = torch.randn(rows, 2048, device="cuda", generator=gen, dtype=torch.bfloat16)
+    static = torch.tensor(3.0 / E4M3_MAX, device="cuda") if activations == "static" else None  # x beyond 3 saturates
+    layer = Fp8Linear.from_linear(dense.to(torch.bfloat16), bool(activations), static)
     ref = layer._reference(x).float()
     layer.prepare(kernel)
     got = layer(x).float()

@@ -8,9 +8,9 @@ and in kvexp.core.kernels.wq_matmul.quantize_rows_ref, and every kernel reproduc
 GEMM's summation order differs between the CPU reference and the GPU.
 
 Kernels, chosen per device by `prepare` (`kernel` attribute):
-  triton     decode rows (<= GEMV_ROWS) through the Triton GEMV reading e4m3 weights (and, W8A8, the e4m3 rows
-             of one quantize_rows launch); more rows run scaled_mm's path (W8A8) or a transient dense weight
-             and cuBLAS (weight-only). CUDA sm89+.
+  triton     decode rows (<= GEMV_ROWS) through the Triton GEMV reading e4m3 weights (and, W8A8, rounding the
+             activations to e4m3 inside the same launch); more rows run scaled_mm's path (W8A8) or a transient
+             dense weight and cuBLAS (weight-only). CUDA sm89+.
   scaled_mm  every row count through torch._scaled_mm (row-wise scales, bf16 out), kept for side-by-side
              measurement against the GEMV; weight-only layers have no _scaled_mm form and keep triton's.
   reference  PyTorch float32 math on the same e4m3 values: the CPU path and what the tests hold the GPU to.
@@ -99,24 +99,15 @@ class Fp8Linear(PackedLinear):
         self.kernel = kernel
         return kernel
 
-    def _quantize_input(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kernel == "reference":
-            return quantize_rows_ref(rows, self.input_scale)
-        from kvexp.core.kernels.wq_matmul import quantize_rows
-
-        return quantize_rows(rows, self.input_scale)
-
     def _gemv(self, x: torch.Tensor, gated: bool) -> Optional[torch.Tensor]:
         rows = x.reshape(-1, self.in_features)
         if self.kernel != "triton" or rows.shape[0] > GEMV_ROWS:
             return None
         from kvexp.core.kernels.wq_matmul import wq_matmul
 
-        xs = None
-        if self.activations:
-            rows, xs = self._quantize_input(rows)
+        x_quant = None if not self.activations else "dynamic" if self.input_scale is None else "static"
         y = wq_matmul(rows, self.qweight, self.scales, self.group, 8, None, self.bias, gated, row_scale=True,
-                      x_scale=xs, out_dtype=x.dtype)
+                      x_quant=x_quant, x_scale=self.input_scale if self.activations else None)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +118,9 @@ class Fp8Linear(PackedLinear):
         if self.kernel == "reference":
             y = self._reference(rows)
         elif self.activations:
-            xq, xs = self._quantize_input(rows)
+            from kvexp.core.kernels.wq_matmul import quantize_rows
+
+            xq, xs = quantize_rows(rows, self.input_scale)
             y = torch._scaled_mm(xq, self.qweight.t(), scale_a=xs[:, None], scale_b=self.scales[None, :],
                                  out_dtype=x.dtype)
             y = y if self.bias is None else y + self.bias

@@ -32,9 +32,12 @@ def require_triton(triton_module: object, tensor: torch.Tensor, kernel: object) 
 
 class _MissingTriton:
     """Stands in for both `triton` and `triton.language` when triton is not installed: `@triton.jit`
-    returns the plain function and `tl.constexpr` annotations evaluate, so the module imports."""
+    returns the plain function and `tl.constexpr` annotations (and module constants wrapped in it) evaluate, so
+    the module imports."""
 
-    constexpr = object
+    class constexpr:
+        def __init__(self, value=None):
+            self.value = value
 
     @staticmethod
     def jit(fn):

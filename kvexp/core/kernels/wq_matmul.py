@@ -16,10 +16,14 @@ reduction kernel (the stream-K fix-up of Osama et al., 2023). On CUDA int4 codes
 bit tricks (lop3 under a float's exponent, then one fused subtract per two values), not by per-value I2F casts.
 
 FP8 (kvexp.core.fp8's format): qweight [N, K] float8_e4m3fn with one float32 scale per output row, applied
-once to the finished sum (row_scale=True), not per group; with activations in e4m3 too, x is the [M, K]
-float8_e4m3fn output of `quantize_rows` (one float32 scale per row), both operands are upcast to bf16 in
-registers (exactly: the products and fp32 sums are an fp8 MMA's, and a GEMV at <= 16 rows is bound by the
-weight bytes, not the tensor cores) and the finish multiplies by x's row scale as well. sm89+ (e4m3 casts).
+once to the finished sum (row_scale=True), not per group. With activations in e4m3 too (x_quant), x arrives in
+the model dtype and the kernel rounds it to e4m3 itself, as `quantize_rows_ref` does: each program first finds
+its rows' amax (dynamic; a static scale is loaded), then every x tile is multiplied by 448 / amax and rounded
+just before its dot. A separate quantize_rows launch per linear cost more than the halved weight read saved at a
+1B model's sizes (H100, 2026-12-02: W8A8 decoded at 0.79x bf16). The product is taken transposed, y^T = w @ x^T,
+so the weight tile is the MMA's 64-row side and on Hopper Triton issues an fp8 wgmma on the e4m3 operands as
+they were loaded: no weight is converted (the weight-only path's e4m3 -> bf16 conversions bound it by its ALU,
+at ~2.1 TB/s on the H200). The finish multiplies by x's row scale as well. sm89+ (e4m3 casts).
 
 `dequantize` writes the dense weight [N, K] in the model dtype, one pass at ~2.5 bytes per weight, for
 prefill, where a dense GEMM on many rows beats any GEMV. The *_ref functions are the same math in
@@ -46,6 +50,7 @@ BITS_QMAX = {4: 7, 8: 127}  # symmetric integer grid per width
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0  # the largest finite e4m3fn magnitude
 AMAX_FLOOR = 1e-12  # an all-zero row (padding) gets a tiny scale, so it quantizes to zeros, not NaN
+_QMAX, _AMAX_MIN = tl.constexpr(E4M3_MAX), tl.constexpr(AMAX_FLOOR)  # the same, inside the kernels
 
 
 def unpack_ref(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -75,15 +80,19 @@ def wq_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
 
 def quantize_rows_ref(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (e4m3 [M, K], float32 scales [M]) with x ~ q * scale: one scale per row, amax / 448 (dynamic),
-    or the given calibrated per-tensor scale (static, a 0-d float32 tensor; values beyond it saturate). IEEE
-    float32 division and round-to-nearest-even, exactly what `quantize_rows` computes on the GPU."""
+    or the given calibrated per-tensor scale (static, a 0-d float32 tensor; values beyond it saturate). q is x
+    times the row's reciprocal scale (448 / amax, or 1 / scale), rounded to nearest even: one IEEE division per
+    row and a multiply per value, which the GPU kernels (`quantize_rows`, wq_matmul's x_quant) repeat bit for bit
+    at a fraction of a division's cost per value."""
     xf = x.float()
-    if scale is None:  # a tensor divisor: torch turns division by a Python scalar into a reciprocal multiply
+    if scale is None:  # tensor divisions: torch turns division by a Python scalar into a reciprocal multiply
         amax = xf.abs().amax(-1).clamp_min(AMAX_FLOOR)
-        scale = amax / torch.full_like(amax, E4M3_MAX)
+        qmax = torch.full_like(amax, E4M3_MAX)
+        scale, inv = amax / qmax, qmax / amax
     else:
         scale = scale.float().expand(x.shape[0])
-    return (xf / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+        inv = torch.ones_like(scale) / scale
+    return (xf * inv[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,11 @@ HEAD_CONFIG = MatmulConfig(block_n=64, waves=4)  # vocab-sized outputs: already 
 # loads per step, and ran no faster than bf16 on the H200 (2026-12-03, bench_linears: 17.8 vs 16.7 us for Qwen's
 # gate|up at batch 1, with PTX or cast unpacking alike): 128 columns give it bf16's bytes per step
 INT4_CONFIG = MatmulConfig(block_n=128, waves=2)
+# W8A8 takes the weight rows as a wgmma's 64-row side: at least 64 of them per program (fewer fall back to an fp16
+# MMA). 64 rows at 2 waves beat 128 rows, 4 waves and 3 stages on every projection of both model shapes at batch 1
+# and 8 (H200, 2026-12-03: Llama's q|k|v 7.6 / 8.7 us against 8.1 / 11.0 at 128 rows, gate|up 13.4 / 14.9 against
+# 17.6 / 20.0)
+W8A8_CONFIG = MatmulConfig(block_n=64, waves=2)
 # (weight rows, K, bits, row bucket) -> the measured best config (scripts/bench_decode.py --tune fills it in)
 CONFIGS: dict[tuple[int, int, int, int], MatmulConfig] = {}
 
@@ -111,9 +125,11 @@ def row_bucket(m: int) -> int:
     return 1 if m == 1 else 8 if m <= 8 else GEMV_ROWS
 
 
-def config_for(m: int, rows: int, k: int, bits: int) -> MatmulConfig:
+def config_for(m: int, rows: int, k: int, bits: int, w8a8: bool = False) -> MatmulConfig:
     """A tuned entry, else the defaults that won the H200 sweep (2026-12-02, bench_linears.py: (32, 2) on every
     projection of Llama-3.2-1B and Qwen2.5-1.5B in bf16, (64, 4) on their heads in bf16 and int8)."""
+    if w8a8:
+        return W8A8_CONFIG
     default = INT4_CONFIG if bits == 4 else HEAD_CONFIG if rows >= 32768 else DEFAULT_CONFIG
     return CONFIGS.get((rows, k, bits, row_bucket(m)), default)
 
@@ -131,9 +147,42 @@ def split_for(cfg: MatmulConfig, n_tiles: int, n_groups: int, sms: int) -> int:
 
 
 @triton.jit
+def _e4m3(v):
+    """float32 values already multiplied by their reciprocal scale -> e4m3, saturated (quantize_rows_ref)."""
+    return tl.minimum(tl.maximum(v, -_QMAX), _QMAX).to(tl.float8e4nv)
+
+
+@triton.jit
+def _row_scales(x_ptr, xs_ptr, m0, M, K, stride_xm, BLOCK_M: tl.constexpr, X_QUANT: tl.constexpr,
+                AMAX_M: tl.constexpr, AMAX_K: tl.constexpr):
+    """(scale, 1 / scale) [BLOCK_M] float32 of x's rows m0.. for X_QUANT (1: amax / 448 over the row, 2: the
+    calibrated scalar at xs_ptr), each an IEEE division as quantize_rows_ref's; zeros without X_QUANT. Every
+    program of a launch reads the whole rows for their amax (at decode M*K*2 bytes of L2 hits, against its own
+    K*BLOCK_N weight bytes from DRAM), AMAX_M rows at a time: the rows that exist, not the tile's 16."""
+    scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    inv = scale
+    if X_QUANT == 1:
+        rows = m0 + tl.arange(0, AMAX_M)
+        peak = tl.zeros((AMAX_M,), dtype=tl.float32)
+        for k0 in range(0, K, AMAX_K):
+            k = k0 + tl.arange(0, AMAX_K)
+            xv = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
+                         mask=(rows < M)[:, None] & (k < K)[None, :], other=0.0)
+            peak = tl.maximum(peak, tl.max(tl.abs(xv.to(tl.float32)), 1))
+        # row i of the tile takes peak[i]; rows past AMAX_M are past M, so floor-scaled zeros
+        amax = tl.sum(tl.where(tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, AMAX_M)[None, :], peak[None, :], 0.0), 1)
+        amax = tl.maximum(amax, _AMAX_MIN)
+        qmax = tl.full((BLOCK_M,), _QMAX, tl.float32)
+        scale, inv = tl.math.div_rn(amax, qmax), tl.math.div_rn(qmax, amax)
+    elif X_QUANT == 2:
+        scale = tl.load(xs_ptr + tl.zeros((BLOCK_M,), dtype=tl.int32))
+        inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
+    return scale, inv
+
+
+@triton.jit
 def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, X_FP8: tl.constexpr,
-               ASM: tl.constexpr):
+               GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, ASM: tl.constexpr):
     """[BLOCK_M, BLOCK_N] fp32 = x[:, group g] @ q[rows offs_n, group g]^T (integer weights, no scale yet)."""
     dtype = x_ptr.dtype.element_ty
     if BITS == 4:
@@ -165,19 +214,39 @@ def _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_
         # other=0.0: an integer fill would need an int -> fp8 cast for e4m3 weights
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0.0).to(dtype)
         xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
-        if X_FP8:  # e4m3 x and w upcast exactly: a bf16 dot's products and fp32 sums are an fp8 MMA's
-            return tl.dot(xa.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
         if HAS_PRE:
             xa = (xa.to(tl.float32) * tl.load(pre_ptr + k).to(tl.float32)[None, :]).to(dtype)
         return tl.dot(xa, tl.trans(w))
 
 
 @triton.jit
+def _w8a8_loop(x_ptr, w_ptr, x_inv, offs_m, offs_n, mask_m, mask_n, N, g_start, g_end, stride_xm, stride_wn,
+               GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """The W8A8 K loop: each x tile rounded to e4m3 once (shared by gate and up) and the product taken as
+    y^T = w @ x^T, the weight rows on the MMA's M side, so that on Hopper it is an fp8 wgmma on the operands
+    as loaded (no conversion of the weights; 16 rows of x fit its N = 16). Returns the [BLOCK_M, BLOCK_N] sums."""
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    up_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for g in range(g_start, g_end):
+        k = g * GROUP + tl.arange(0, GROUP)
+        xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None], other=0.0)
+        xq_t = tl.trans(_e4m3(xa.to(tl.float32) * x_inv[:, None]))
+        # each K tile's products summed apart, then added in float32 on the CUDA cores: Hopper's fp8 MMA keeps
+        # ~14 bits of its running sum (DeepSeek-V3's report, which promotes every 128 columns the same way)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0.0)
+        acc_t += tl.dot(w, xq_t)
+        if GATED:
+            wu = tl.load(w_ptr + (offs_n + N)[:, None] * stride_wn + k[None, :], mask=mask_n[:, None], other=0.0)
+            up_t += tl.dot(wu, xq_t)
+    return tl.trans(acc_t), tl.trans(up_t)
+
+
+@triton.jit
 def _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
                 stride_sn, GROUP: tl.constexpr, BITS: tl.constexpr, HAS_PRE: tl.constexpr, ROW_SCALE: tl.constexpr,
-                X_FP8: tl.constexpr, ASM: tl.constexpr):
+                ASM: tl.constexpr):
     part = _group_dot(x_ptr, w_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm, stride_wn,
-                      GROUP, BITS, HAS_PRE, X_FP8, ASM)
+                      GROUP, BITS, HAS_PRE, ASM)
     if BITS == 16 or ROW_SCALE:  # no group scales (ROW_SCALE: applied once, in _finish)
         return acc + part
     s = tl.load(s_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
@@ -189,27 +258,35 @@ def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, pre_ptr, bias_ptr, part_ptr, 
                       M, N, n_groups, stride_xm, stride_wn, stride_sn, stride_om,
                       SPLIT_K, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, HAS_PRE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                      ROW_SCALE: tl.constexpr, X_SCALE: tl.constexpr, ASM: tl.constexpr):
+                      ROW_SCALE: tl.constexpr, X_QUANT: tl.constexpr, AMAX_M: tl.constexpr, AMAX_K: tl.constexpr,
+                      ASM: tl.constexpr):
     """GATED: the weight is [gate; up] (2N rows) and the output silu(gate) * up [M, N], the MLP's epilogue.
-    ROW_SCALE: one weight scale per row (s_ptr [rows]); X_SCALE: x is e4m3 with one scale per row (xs_ptr [M])."""
+    ROW_SCALE: one weight scale per row (s_ptr [rows]). X_QUANT: x is rounded to e4m3 per row in the kernel,
+    1 with its amax scale (dynamic), 2 with the calibrated one at xs_ptr (static)."""
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
+    x_scale, x_inv = _row_scales(x_ptr, xs_ptr, pid_m * BLOCK_M, M, n_groups * GROUP, stride_xm, BLOCK_M, X_QUANT,
+                                 AMAX_M, AMAX_K)
     per_split = tl.cdiv(n_groups, SPLIT_K)
     g_end = tl.minimum(n_groups, (pid_k + 1) * per_split)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(pid_k * per_split, g_end):
-        acc = _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm,
-                          stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE, ASM)
-        if GATED:
-            acc_up = _accumulate(acc_up, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n + N, mask_m, mask_n, g,
-                                 stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, X_SCALE, ASM)
+    if X_QUANT:
+        acc, acc_up = _w8a8_loop(x_ptr, w_ptr, x_inv, offs_m, offs_n, mask_m, mask_n, N, pid_k * per_split, g_end,
+                                 stride_xm, stride_wn, GROUP, BLOCK_M, BLOCK_N, GATED)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g in range(pid_k * per_split, g_end):
+            acc = _accumulate(acc, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n, mask_m, mask_n, g, stride_xm,
+                              stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, ASM)
+            if GATED:
+                acc_up = _accumulate(acc_up, x_ptr, w_ptr, s_ptr, pre_ptr, offs_m, offs_n + N, mask_m, mask_n, g,
+                                     stride_xm, stride_wn, stride_sn, GROUP, BITS, HAS_PRE, ROW_SCALE, ASM)
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
-        _finish(acc, acc_up, s_ptr, xs_ptr, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_m, mask_n,
-                stride_om, HAS_BIAS, GATED, ROW_SCALE, X_SCALE)
+        _finish(acc, acc_up, s_ptr, x_scale, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om,
+                HAS_BIAS, GATED, ROW_SCALE, X_QUANT)
     else:
         tile = pid_m * tl.num_programs(0) + pid_n
         width = 2 * N if GATED else N  # partials [SPLIT_K, M, width] fp32
@@ -227,18 +304,17 @@ def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, pre_ptr, bias_ptr, part_ptr, 
                     acc_up += tl.load(part_ptr + k * M * width + part_offs + N, mask=mask, other=0.0,
                                       cache_modifier=".cg")
             tl.atomic_xchg(lock_ptr + tile, 0)  # ready for the next launch (and the next graph replay)
-            _finish(acc, acc_up, s_ptr, xs_ptr, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_m, mask_n,
-                    stride_om, HAS_BIAS, GATED, ROW_SCALE, X_SCALE)
+            _finish(acc, acc_up, s_ptr, x_scale, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om,
+                    HAS_BIAS, GATED, ROW_SCALE, X_QUANT)
 
 
 @triton.jit
-def _finish(acc, acc_up, s_ptr, xs_ptr, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_m, mask_n, stride_om,
-            HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ROW_SCALE: tl.constexpr, X_SCALE: tl.constexpr):
+def _finish(acc, acc_up, s_ptr, x_scale, bias_ptr, out_ptr, offs_m, offs_n, N, mask, mask_n, stride_om,
+            HAS_BIAS: tl.constexpr, GATED: tl.constexpr, ROW_SCALE: tl.constexpr, X_QUANT: tl.constexpr):
     if ROW_SCALE:  # (x . q) * x_scale * w_scale, in this order, as kvexp.core.fp8's reference
-        if X_SCALE:
-            xs = tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-            acc = acc * xs
-            acc_up = acc_up * xs
+        if X_QUANT:
+            acc = acc * x_scale[:, None]
+            acc_up = acc_up * x_scale[:, None]
         acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
         if GATED:
             acc_up = acc_up * tl.load(s_ptr + N + offs_n, mask=mask_n, other=0.0)[None, :]
@@ -273,12 +349,14 @@ def _sms(device: torch.device) -> int:
 def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Tensor], group: int, bits: int,
               pre_scale: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, gated: bool = False,
               config: Optional[MatmulConfig] = None, out: Optional[torch.Tensor] = None, row_scale: bool = False,
-              x_scale: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+              x_quant: Optional[str] = None, x_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [M, K] fp16/bf16 (M <= GEMV_ROWS for speed; any M is correct) -> [M, N] in x's dtype (into out).
     bits 16: qweight is the dense weight [N, K] (scales None; group = the K tile). gated: qweight holds
     [gate; up] (2N rows) and the result is silu(gate) * up [M, N]. row_scale: scales [rows] float32, one per
-    weight row (fp8 weights; group is then only the K tile); x_scale: x is e4m3 [M, K] with scales [M]
-    (quantize_rows), the result in out_dtype."""
+    weight row (fp8 weights; group is then only the K tile). x_quant (e4m3 weights): x is rounded to e4m3 in the
+    kernel as quantize_rows_ref(x, x_scale) does, "dynamic" (per row, amax / 448) or "static" (x_scale, 0-d)."""
+    if x_quant not in (None, "dynamic", "static") or (x_quant == "static") != (x_scale is not None):
+        raise ValueError(f"wq_matmul: x_quant={x_quant!r} takes 'dynamic', or 'static' with x_scale")
     require_triton(triton, x, _wq_matmul_kernel)
     x = x.contiguous()
     M, K = x.shape
@@ -288,47 +366,44 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
         raise ValueError(f"wq_matmul: K={K}, group={group}, qweight {tuple(qweight.shape)} do not match {bits}-bit "
                          "weights in groups of a multiple of 32 columns")
     n_groups, block_m = K // group, 16
-    config = config or config_for(M, N * (2 if gated else 1), K, bits)
+    config = config or config_for(M, N * (2 if gated else 1), K, bits, x_quant is not None)
     n_tiles, m_tiles = triton.cdiv(N, config.block_n), triton.cdiv(M, block_m)
     split = split_for(config, n_tiles * m_tiles, n_groups, _sms(x.device))
-    out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device) if out is None else out
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     part = torch.empty(split if split > 1 else 1, M, rows, dtype=torch.float32, device=x.device)
     locks = _locks(x.device, n_tiles * m_tiles)
     _wq_matmul_kernel[(n_tiles, split, m_tiles)](
-        x, qweight, qweight if scales is None else scales, x if x_scale is None else x_scale,
+        x, qweight, qweight if scales is None else scales, x if x_scale is None else x_scale.float(),
         x if pre_scale is None else pre_scale, x if bias is None else bias, part, locks, out,
         M, N, n_groups, x.stride(0), qweight.stride(0), 0 if scales is None or row_scale else scales.stride(0),
         out.stride(0), split, GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n,
         HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated, ROW_SCALE=row_scale,
-        X_SCALE=x_scale is not None, ASM=bits == 4 and config.int4_asm and x.is_cuda,
+        X_QUANT={None: 0, "dynamic": 1, "static": 2}[x_quant], AMAX_M=min(block_m, triton.next_power_of_2(M)),
+        AMAX_K=_amax_tile(min(block_m, triton.next_power_of_2(M)), K),
+        ASM=bits == 4 and config.int4_asm and x.is_cuda,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
 
+def _amax_tile(rows: int, k: int) -> int:
+    """Columns per load of _row_scales' amax pass: 8192 values a load (64 a thread at 4 warps), whole rows where
+    they fit."""
+    return min(8192 // rows, triton.next_power_of_2(k))
+
+
 @triton.jit
-def _quantize_rows_kernel(x_ptr, scale_ptr, q_ptr, s_out_ptr, K, stride_xm, stride_qm, STATIC: tl.constexpr,
-                          QMAX: tl.constexpr, AMAX_MIN: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One program per row: its amax (dynamic) or the given scale (static), then q = x / scale in e4m3.
-    Scalars are kept as [1] tensors: div_rn (IEEE division, which the reference's torch division is; Triton's
-    `/` on float32 is approximate) takes tensors."""
-    row = tl.program_id(0)
-    one = tl.arange(0, 1)
-    if STATIC:
-        scale = tl.load(scale_ptr + one)
-    else:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(xv))
-        peak = tl.maximum(tl.max(amax, 0), AMAX_MIN) + tl.zeros((1,), dtype=tl.float32)
-        scale = tl.math.div_rn(peak, tl.full((1,), QMAX, tl.float32))
-    tl.store(s_out_ptr + row + one, scale)
+def _quantize_rows_kernel(x_ptr, scale_ptr, q_ptr, s_out_ptr, K, stride_xm, stride_qm, X_QUANT: tl.constexpr,
+                          AMAX_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One program per row: the GEMV's row scale and rounding (_row_scales, _e4m3), written out for
+    torch._scaled_mm."""
+    row = tl.program_id(0) + tl.arange(0, 1)
+    scale, inv = _row_scales(x_ptr, scale_ptr, tl.program_id(0), tl.program_id(0) + 1, K, stride_xm, 1, X_QUANT, 1,
+                             AMAX_K)
+    tl.store(s_out_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         xv = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(xv, scale + tl.zeros_like(xv)), -QMAX), QMAX)
-        tl.store(q_ptr + row * stride_qm + k, q.to(q_ptr.dtype.element_ty), mask=k < K)
+        tl.store(q_ptr + row * stride_qm + k, _e4m3(xv * inv), mask=k < K)
 
 
 def quantize_rows(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,7 +414,7 @@ def quantize_rows(x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> tupl
     q = torch.empty(M, K, dtype=E4M3, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     _quantize_rows_kernel[(M,)](x, s if scale is None else scale.float(), q, s, K, x.stride(0), q.stride(0),
-                                STATIC=scale is not None, QMAX=E4M3_MAX, AMAX_MIN=AMAX_FLOOR,
+                                X_QUANT=1 if scale is None else 2, AMAX_K=_amax_tile(1, K),
                                 BLOCK_K=min(4096, triton.next_power_of_2(K)))
     return q, s
 
