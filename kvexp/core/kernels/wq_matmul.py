@@ -162,7 +162,7 @@ def _row_scales(x_ptr, xs_ptr, m0, M, K, stride_xm, BLOCK_M: tl.constexpr, X_QUA
     scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     inv = scale
     if X_QUANT == 1:
-        rows = m0 + tl.arange(0, AMAX_M)
+        rows = (m0 + tl.arange(0, AMAX_M)).to(tl.int64)  # prefill's x passes 2^31 elements (8 x 32k x 8960)
         peak = tl.zeros((AMAX_M,), dtype=tl.float32)
         for k0 in range(0, K, AMAX_K):
             k = k0 + tl.arange(0, AMAX_K)
@@ -396,7 +396,7 @@ def _quantize_rows_kernel(x_ptr, scale_ptr, q_ptr, s_out_ptr, K, stride_xm, stri
                           AMAX_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per row: the GEMV's row scale and rounding (_row_scales, _e4m3), written out for
     torch._scaled_mm."""
-    row = tl.program_id(0) + tl.arange(0, 1)
+    row = (tl.program_id(0) + tl.arange(0, 1)).to(tl.int64)  # row * stride passes 2^31 at 8 x 32k prefill rows
     scale, inv = _row_scales(x_ptr, scale_ptr, tl.program_id(0), tl.program_id(0) + 1, K, stride_xm, 1, X_QUANT, 1,
                              AMAX_K)
     tl.store(s_out_ptr + row, scale)
