@@ -57,6 +57,11 @@ EAGER = SimpleNamespace(rms_norm=rms_norm, add_rms_norm=add_rms_norm, split_head
 @functools.lru_cache(maxsize=None)
 def compiled() -> SimpleNamespace:
     """The same functions through torch.compile: one fused kernel each, shared by every layer and shape."""
+    # Each function keeps a graph per model (eps is a constant), per row count of 1 (decode: dynamic shapes
+    # still specialise 1) or more, and per caller under inference_mode or not. A sweep builds its engines in one
+    # process, so dynamo's default of 8 graphs a function ended the ninth (H200, 2026-12-03: bench_decode's fp8
+    # variants on the second model shape stopped with FailOnRecompileLimitHit under fullgraph=True).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     return SimpleNamespace(**{name: torch.compile(fn, dynamic=True, fullgraph=True)
                               for name, fn in vars(EAGER).items()})
 
