@@ -66,9 +66,13 @@ KERNEL_VARIANTS = {
 }
 VARIANTS_QUICK = ("fp16 cublas", "fp16 triton", "awq tinygemm", "awq triton", "awq auto")  # --quick: no head variant
 FP8_CALIB = ["quant.calib.dataset=builtin", "quant.calib.num_samples=8", "quant.calib.seq_len=256"]  # its static KV
-# --fp8: name -> (quant preset, overrides, Fp8Linear kernel); the first is the baseline of every ratio
-FP8_VARIANTS = {"fp16": ("fp16", [], "auto"), "fp8": ("fp8", FP8_CALIB, "auto"),
-                "fp8_weights": ("fp8_weights", [], "auto"), "fp8 scaled_mm": ("fp8", FP8_CALIB, "scaled_mm")}
+# --fp8: name -> (quant preset, overrides, Fp8Linear kernel, every shape or 512 only); the first is the baseline
+# of every ratio. fp8_static and scaled_mm differ from fp8 only in the decode linears (static activation scales,
+# _scaled_mm instead of the GEMV), which 512 context shows.
+FP8_VARIANTS = {"fp16": ("fp16", [], "auto", True), "fp8": ("fp8", FP8_CALIB, "auto", True),
+                "fp8_weights": ("fp8_weights", [], "auto", True),
+                "fp8_static": ("fp8_static", FP8_CALIB, "auto", False),
+                "fp8 scaled_mm": ("fp8", FP8_CALIB, "scaled_mm", False)}
 FP8_SHAPES = [(512, 1), (512, 8), (32000, 1), (32000, 8)]  # 32000: Qwen2.5's 32k positions hold the generation
 
 
@@ -150,14 +154,14 @@ def fp8_kernel(kernel: str):
 
 
 def part_fp8(ckpt: Path, gen: int, iters: int, bw: float) -> list[dict]:
-    """FP8_VARIANTS at FP8_SHAPES (the _scaled_mm variant at 512 only: it differs from fp8 in the decode GEMV);
-    tok/s and TTFT also as ratios to bf16 (fp16) at the same shape, from this run."""
+    """FP8_VARIANTS at FP8_SHAPES (or their 512-context ones); tok/s and TTFT also as ratios to bf16 (fp16) at
+    the same shape, from this run."""
     rows = []
-    for name, (quant, extra, kernel) in FP8_VARIANTS.items():
+    for name, (quant, extra, kernel, every_shape) in FP8_VARIANTS.items():
         try:
             with fp8_kernel(kernel):
                 rows += run_engine(ckpt, name, quant, extra, "auto", "auto",
-                                   FP8_SHAPES if kernel == "auto" else FP8_SHAPES[:2], gen, iters, bw, False)[0]
+                                   FP8_SHAPES if every_shape else FP8_SHAPES[:2], gen, iters, bw, False)[0]
         except Exception as e:  # one broken variant is a missing row, not a lost run
             print(f"[fp8] {name}: {type(e).__name__}: {e}"[:400], flush=True)
             torch.cuda.empty_cache()
@@ -360,7 +364,8 @@ def main() -> None:
             print(f"\n(kv) {model}: KV formats end to end\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
         if args.fp8 and go(f"fp8:{model}"):
             results.setdefault("fp8", {})[model] = rows = part_fp8(ckpt, gen, iters, bw)
-            print(f"\n(fp8) {model}: bf16 vs fp8\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
+            if rows:
+                print(f"\n(fp8) {model}: bf16 vs fp8\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
         if not args.quick and model == "llama-3.2-1b" and go(f"b:{model}"):
             results["e2e"] = part_b(ckpt, [(32768, 1), (32768, 8)], gen, iters, bw)
             print("\n(b, c) end-to-end decode, 32k\n" + table(results["e2e"], [c for c in results["e2e"][0] if c != "kernels"]))
