@@ -1,7 +1,7 @@
 """The decode step's linears, one at a time, side by side in one process: cuBLAS bf16, the Triton GEMV on bf16
 weights, torch's tinygemm int4 and the Triton W4A16 (and, for the head, W8A16) kernel over a sweep of launch
 configs, and (sm89+, not the head) fp8: the Triton GEMV on e4m3 weights with bf16 activations ("triton fp8w")
-or e4m3 ones after quantize_rows ("triton fp8"), against quantize_rows + torch._scaled_mm ("scaled_mm fp8"). Each variant is first checked against float64 math on fresh random inputs (outputs NaN-poisoned),
+or W8A8, x rounded to e4m3 inside the same launch ("triton fp8"), against quantize_rows + torch._scaled_mm ("scaled_mm fp8"). Each variant is first checked against float64 math on fresh random inputs (outputs NaN-poisoned),
 then timed as CUDA-graph replays (triton.testing.do_bench_cudagraph, median) over enough weight copies to
 defeat the L2. Used by scripts/bench_decode.py (`--tune` makes the fastest config the kernel's default).
 
