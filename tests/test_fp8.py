@@ -111,8 +111,8 @@ def test_fp8_presets_run_on_cpu_as_numerics_only_runs():
         assert 1e-7 < kl < 5e-3, (quant, kl)  # changed by e4m3 rounding, but only by a little
         # the kernel choice that a CUDA build makes runs through the same call on every packed layer (it once
         # passed an int4-only argument that Fp8Linear.prepare refused, which only a GPU run saw)
-        n = 7 * len(engine.model.model.layers)  # q|k|v, o, gate|up, down: 4 fused layers' 7 projections
-        assert engine.model.prepare_kernels(int4="triton") == {"fp8.reference": 4 * n // 7}
+        n_fused = 4 * len(engine.model.model.layers)  # q|k|v, o, gate|up and down of every layer
+        assert engine.model.prepare_kernels(int4="triton") == {"fp8.reference": n_fused}
     assert not ref.spec.build.numerics_only
 
 
