@@ -162,7 +162,7 @@ def _row_scales(x_ptr, xs_ptr, m0, M, K, stride_xm, BLOCK_M: tl.constexpr, X_QUA
     scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     inv = scale
     if X_QUANT == 1:
-        rows = (m0 + tl.arange(0, AMAX_M)).to(tl.int64)  # prefill's x passes 2^31 elements (8 x 32k x 8960)
+        rows = m0 + tl.arange(0, AMAX_M)  # 64-bit where m0 is (quantize_rows: prefill's x passes 2^31 elements)
         peak = tl.zeros((AMAX_M,), dtype=tl.float32)
         for k0 in range(0, K, AMAX_K):
             k = k0 + tl.arange(0, AMAX_K)
@@ -355,8 +355,10 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
     [gate; up] (2N rows) and the result is silu(gate) * up [M, N]. row_scale: scales [rows] float32, one per
     weight row (fp8 weights; group is then only the K tile). x_quant (e4m3 weights): x is rounded to e4m3 in the
     kernel as quantize_rows_ref(x, x_scale) does, "dynamic" (per row, amax / 448) or "static" (x_scale, 0-d)."""
-    if x_quant not in (None, "dynamic", "static") or (x_quant == "static") != (x_scale is not None):
-        raise ValueError(f"wq_matmul: x_quant={x_quant!r} takes 'dynamic', or 'static' with x_scale")
+    if x_quant not in (None, "dynamic", "static") or (x_quant == "static") != (x_scale is not None) \
+            or (x_quant is not None and not (bits == 8 and row_scale)):
+        raise ValueError(f"wq_matmul: x_quant={x_quant!r}: 'dynamic', or 'static' with x_scale, over e4m3 weights "
+                         "with row scales (bits=8, row_scale=True)")
     require_triton(triton, x, _wq_matmul_kernel)
     x = x.contiguous()
     M, K = x.shape
@@ -366,6 +368,7 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
         raise ValueError(f"wq_matmul: K={K}, group={group}, qweight {tuple(qweight.shape)} do not match {bits}-bit "
                          "weights in groups of a multiple of 32 columns")
     n_groups, block_m = K // group, 16
+    amax_m = min(block_m, triton.next_power_of_2(M))  # the rows _row_scales reads for x_quant's amax
     config = config or config_for(M, N * (2 if gated else 1), K, bits, x_quant is not None)
     n_tiles, m_tiles = triton.cdiv(N, config.block_n), triton.cdiv(M, block_m)
     split = split_for(config, n_tiles * m_tiles, n_groups, _sms(x.device))
@@ -378,8 +381,7 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
         M, N, n_groups, x.stride(0), qweight.stride(0), 0 if scales is None or row_scale else scales.stride(0),
         out.stride(0), split, GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n,
         HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated, ROW_SCALE=row_scale,
-        X_QUANT={None: 0, "dynamic": 1, "static": 2}[x_quant], AMAX_M=min(block_m, triton.next_power_of_2(M)),
-        AMAX_K=_amax_tile(min(block_m, triton.next_power_of_2(M)), K),
+        X_QUANT={None: 0, "dynamic": 1, "static": 2}[x_quant], AMAX_M=amax_m, AMAX_K=_amax_tile(amax_m, K),
         ASM=bits == 4 and config.int4_asm and x.is_cuda,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
@@ -396,9 +398,9 @@ def _quantize_rows_kernel(x_ptr, scale_ptr, q_ptr, s_out_ptr, K, stride_xm, stri
                           AMAX_K: tl.constexpr, BLOCK_K: tl.constexpr):
     """One program per row: the GEMV's row scale and rounding (_row_scales, _e4m3), written out for
     torch._scaled_mm."""
-    row = (tl.program_id(0) + tl.arange(0, 1)).to(tl.int64)  # row * stride passes 2^31 at 8 x 32k prefill rows
-    scale, inv = _row_scales(x_ptr, scale_ptr, tl.program_id(0), tl.program_id(0) + 1, K, stride_xm, 1, X_QUANT, 1,
-                             AMAX_K)
+    m0 = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 at 8 x 32k prefill rows of the Qwen2.5-1.5B shape
+    row = m0 + tl.arange(0, 1)
+    scale, inv = _row_scales(x_ptr, scale_ptr, m0, m0 + 1, K, stride_xm, 1, X_QUANT, 1, AMAX_K)
     tl.store(s_out_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
