@@ -56,6 +56,31 @@ def test_graph_decode_equals_eager_decode(quant, batch):
     assert a.tokens == b.tokens
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs sm90+")
+@pytest.mark.parametrize("quant", ["fp16", "int8kv", "awq", "fp8"])
+def test_pdl_decode_equals_plain_launch(quant):
+    """Every kernel of a PDL launch waits for the one before ahead of its first load (kernels.pdl): the graph with
+    it generates, token for token, what the graph without it does."""
+    from kvexp.core.kernels import pdl, pdl_enabled, set_pdl
+
+    prompts = [list(range(3, 40)), list(range(10, 20))]
+    extra = {"awq": ["quant.weights.algo=rtn"], "fp8": ["quant.calib.dataset=builtin"]}.get(quant, [])
+    default = pdl_enabled()
+    try:
+        set_pdl(False)
+        plain = build_engine(f"quant={quant}", *extra, *GPU)
+        a = plain.generate(prompts, 24)
+        set_pdl(True)
+        assert pdl(torch.empty(1, device="cuda"))
+        chained = build_engine(f"quant={quant}", *extra, *GPU)
+        b = chained.generate(prompts, 24)
+    finally:
+        set_pdl(default)
+    assert plain._loop.graph is not None and chained._loop.graph is not None
+    assert a.tokens == b.tokens
+
+
 def test_cuda_bf16_engine_matches_cpu_float32_engine(tmp_path):
     """The whole CUDA path (compiled fused ops, merged projections, bf16) against the fp32 CPU reference path."""
     from transformers import LlamaConfig, LlamaForCausalLM

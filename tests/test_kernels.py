@@ -527,3 +527,22 @@ def test_argmax_rows_is_torch_argmax_with_ties_to_the_first(V, dtype):
     x[2, V - 1] = -0.5  # unless the last is larger
     out = argmax_rows(x.to(DEVICE))
     assert out.dtype == torch.int64 and torch.equal(out.cpu(), x.float().argmax(-1))
+
+
+def test_pdl_only_where_the_gpu_has_it_and_the_switch_is_on(monkeypatch):
+    """kernels.pdl gates programmatic dependent launch: never on a CPU tensor (the interpreter runs no PTX), on CUDA
+    from sm90 when triton has griddepcontrol, and never once set_pdl(False) is called."""
+    from kvexp.core import kernels
+
+    monkeypatch.setattr(kernels, "_pdl", True)
+    monkeypatch.setattr(kernels, "_triton_has_pdl", lambda: True)
+    assert not kernels.pdl(torch.zeros(1))
+    cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    for capability, expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(kernels, "_capability", lambda device, c=capability: c)
+        assert kernels.pdl(cuda) is expected, capability
+    kernels.set_pdl(False)
+    assert not kernels.pdl(cuda) and not kernels.pdl_enabled()
+    monkeypatch.setattr(kernels, "_triton_has_pdl", lambda: False)
+    kernels.set_pdl(True)
+    assert not kernels.pdl(cuda)  # a triton before 3.3

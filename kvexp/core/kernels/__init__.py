@@ -2,19 +2,64 @@
 quantize-and-store of new tokens (decode and prefill). Every kernel has a pure-PyTorch reference beside it with the same
 signature, which is also the CPU path.
 
+On sm90+ GPUs the kernels launch chained by programmatic dependent launch (pdl below; KVEXP_PDL=0 turns it off).
+
 Triton is optional: without it the references still import (the kernel modules decorate their kernels
 with the stand-ins below) and a kernel call fails with one line saying how to get it.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
 
 import torch
+
+PDL_CAPABILITY = (9, 0)  # griddepcontrol (programmatic dependent launch): Hopper and later
+_pdl = os.environ.get("KVEXP_PDL", "1") != "0"
 
 
 def triton_available() -> bool:
     """True when the Triton kernels can run here: triton is installed and there is a CUDA device."""
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+
+
+def set_pdl(enabled: bool) -> None:
+    """Turn programmatic dependent launch on or off for kernels launched from now on (it is on by default where the
+    GPU has it; KVEXP_PDL=0 turns it off at start). For side-by-side measurements (scripts/bench_decode.py --pdl):
+    graphs captured before keep theirs. torch.compile's kernels (kvexp.core.fused) never launch with PDL."""
+    global _pdl
+    _pdl = enabled
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def pdl_enabled() -> bool:
+    """The switch of set_pdl / KVEXP_PDL, whatever the GPU."""
+    return _pdl
+
+
+def pdl(tensor: torch.Tensor) -> bool:
+    """Whether a decode kernel over `tensor` launches with programmatic dependent launch (PDL).
+
+    In a CUDA graph each kernel otherwise starts only once its predecessor has drained, and at batch 1 a ~1B model's
+    step is ~130 kernels of 2-15 us, so the drain, launch and ramp of each cost a share of the step that grows as the
+    kernels get faster. Under PDL every program of a kernel first waits for the kernel before to finish
+    (ptx.wait_for_producer), then lets the next kernel launch: the next one's launch and ramp overlap this one's
+    work and tail, and no load moves ahead of the data it reads, so the result is the same. (Prefetching weights
+    into the L2 before the wait, the other half of the idea, measured slower on the H200: docs/benchmarks.md.)
+    CUDA on sm90+ with a triton that has griddepcontrol (3.3+); the interpreter runs no PTX."""
+    return _pdl and tensor.is_cuda and _capability(tensor.device) >= PDL_CAPABILITY and _triton_has_pdl()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_has_pdl() -> bool:
+    from kvexp.core.kernels import ptx
+
+    return ptx.gdc_wait is not None
 
 
 def require_triton(triton_module: object, tensor: torch.Tensor, kernel: object) -> None:

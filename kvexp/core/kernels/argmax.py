@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from kvexp.core.kernels import require_triton
+from kvexp.core.kernels import pdl, require_triton
+from kvexp.core.kernels.ptx import wait_for_producer
 
 try:
     import triton
@@ -22,7 +23,8 @@ BLOCK = 2048
 
 
 @triton.jit
-def _chunk_kernel(x_ptr, max_ptr, idx_ptr, V, stride_x, CHUNKS, BLOCK: tl.constexpr):
+def _chunk_kernel(x_ptr, max_ptr, idx_ptr, V, stride_x, CHUNKS, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producer(PDL)
     row, c = tl.program_id(0), tl.program_id(1)
     offs = c * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_x + offs, mask=offs < V, other=-float("inf")).to(tl.float32)
@@ -33,7 +35,8 @@ def _chunk_kernel(x_ptr, max_ptr, idx_ptr, V, stride_x, CHUNKS, BLOCK: tl.conste
 
 
 @triton.jit
-def _pick_kernel(max_ptr, idx_ptr, out_ptr, CHUNKS, POW2: tl.constexpr):
+def _pick_kernel(max_ptr, idx_ptr, out_ptr, CHUNKS, POW2: tl.constexpr, PDL: tl.constexpr):
+    wait_for_producer(PDL)
     row = tl.program_id(0)
     c = tl.arange(0, POW2)
     m = tl.load(max_ptr + row * CHUNKS + c, mask=c < CHUNKS, other=-float("inf"))
@@ -52,6 +55,8 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     best = torch.empty(B, chunks, dtype=torch.float32, device=x.device)
     first = torch.empty(B, chunks, dtype=torch.int32, device=x.device)
     out = torch.empty(B, dtype=torch.int64, device=x.device)
-    _chunk_kernel[(B, chunks)](x, best, first, V, x.stride(0), chunks, BLOCK=BLOCK, num_warps=4)
-    _pick_kernel[(B,)](best, first, out, chunks, POW2=triton.next_power_of_2(chunks), num_warps=4)
+    on = pdl(x)
+    _chunk_kernel[(B, chunks)](x, best, first, V, x.stride(0), chunks, BLOCK=BLOCK, PDL=on, num_warps=4, launch_pdl=on)
+    _pick_kernel[(B,)](best, first, out, chunks, POW2=triton.next_power_of_2(chunks), PDL=on, num_warps=4,
+                       launch_pdl=on)
     return out

@@ -29,8 +29,8 @@ from typing import Optional
 
 import torch
 
-from kvexp.core.kernels import require_triton
-from kvexp.core.kernels.ptx import int4_halves_f16
+from kvexp.core.kernels import pdl, require_triton
+from kvexp.core.kernels.ptx import int4_halves_f16, wait_for_producer
 from kvexp.core.kernels.kv_write import DYNAMIC, FMT_CODES, MODEL_DTYPES, NO_SCALE, STATIC, scale_mode, scale_strides
 from kvexp.core.formats import FORMATS, dequantize
 
@@ -295,11 +295,12 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
                   s_pb, s_ph, s_ps, s_lb, s_lh,
                   G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                   FMT: tl.constexpr, MODE: tl.constexpr, ASM: tl.constexpr, SCALES: tl.constexpr,
-                  K_NATURAL: tl.constexpr, NORM_V: tl.constexpr, FULL_BLOCKS: tl.constexpr):
+                  K_NATURAL: tl.constexpr, NORM_V: tl.constexpr, FULL_BLOCKS: tl.constexpr, PDL: tl.constexpr):
     """Stage 1, grid (B, Hkv, num_splits): normalized partial output [G, D] and base-2 lse [G] of one
     slice for the G query heads of one kv head. An empty slice stores lse = -inf and zeros. Under asm
     (MODE 1) the dots are float16: each query row is divided by its max magnitude (11 significant bits,
     and no overflow for bf16 queries) and the max moves into the scores' row factor."""
+    wait_for_producer(PDL)
     b = tl.program_id(0).to(tl.int64)  # int64: cache offsets pass 2^31 at long context
     kvh = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -369,11 +370,12 @@ def _split_kernel(q, k, v, k_scale, v_scale, lengths, part_out, part_lse, qk_sca
 
 @triton.jit
 def _merge_kernel(part_out, part_lse, out, num_splits, s_pb, s_ph, s_ps, s_lb, s_lh, s_ob, s_oh,
-                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """Stage 2, grid (B, Hq, D / BLOCK_D): out = sum_s 2^(lse_s - max) * part_s / sum_s 2^(lse_s - max) over
     BLOCK_D columns of the head dim. Every slice's part is loaded as one [BLOCK_S, BLOCK_D] tile, so a
     program's loads are all in flight at once; a loop over chunks of slices waits on each chunk in turn, and at
     B=1 on Qwen2.5-1.5B's 12 heads (12 programs) that wait was what capped the useful number of slices."""
+    wait_for_producer(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -487,6 +489,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale:
         raise ValueError(f"fmt 'int4' needs block_n >= 32 and num_warps >= 2, got {config}")
     dequant = "cvt" if fmt == "dense" else config.dequant
     ptx = dequant == "asm"
+    on = pdl(q)
     if fmt == "fp8" and ptx:  # the PTX conversions read e4m3 bits as bytes
         k, v = k.view(torch.uint8), v.view(torch.uint8)
     _split_kernel[(B, hkv, splits)](
@@ -498,11 +501,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale:
         ASM=ptx and type(_split_kernel).__name__ != "InterpretedFunction",  # the interpreter runs no PTX
         SCALES=mode, K_NATURAL=config.k_natural,
         NORM_V=config.norm_v_scale or q.dtype == torch.float16 or dequant != "cvt", FULL_BLOCKS=config.full_blocks,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        PDL=on, num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=on)
     block_s, block_d = _merge_tile(splits, D)
     _merge_kernel[(B, hq, D // block_d)](
         part_out, part_lse, out, splits, *part_out.stride()[:3], *part_lse.stride()[:2],
-        out.stride(0), out.stride(1), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+        out.stride(0), out.stride(1), BLOCK_S=block_s, BLOCK_D=block_d, PDL=on, num_warps=4, launch_pdl=on)
     return out
 
 

@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-from kvexp.core.kernels import require_triton
+from kvexp.core.kernels import pdl, require_triton
+from kvexp.core.kernels.ptx import wait_for_producer
 from kvexp.core.formats import FORMATS
 
 try:
@@ -106,9 +107,10 @@ def _quantize_store(x, dst, dst_off, scale_ptr, scale_off, FMT: tl.constexpr, QM
 @triton.jit
 def _write_kv_kernel(k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
                      s_nb, s_nh, s_nt, s_nd, s_cb, s_ch, s_ct, s_cd, s_sb, s_sh, s_st,
-                     D: tl.constexpr, SCALES: tl.constexpr, FMT: tl.constexpr, QMAX: tl.constexpr):
+                     D: tl.constexpr, SCALES: tl.constexpr, FMT: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr):
     """Grid (B, Hkv, n): one program stores K and V of one (sequence, kv head) new token i at cache position
     pos[b] + i. k_new/v_new share strides s_n*, k_cache/v_cache share s_c*, dynamic k_scale/v_scale share s_s*."""
+    wait_for_producer(PDL)
     b = tl.program_id(0).to(tl.int64)  # int64: cache offsets pass 2^31 at long context
     h = tl.program_id(1).to(tl.int64)
     i = tl.program_id(2).to(tl.int64)
@@ -145,10 +147,11 @@ def _rope_half(x_ptr, c_ptr, s_ptr, HALF: tl.constexpr):
 def _rope_write_kernel(qkv, cos, sin, q_out, k_cache, v_cache, k_scale, v_scale, pos,
                        s_xb, s_xt, s_rb, s_rt, s_ob, s_oh, s_ot, s_cb, s_ch, s_ct, s_cd, s_sb, s_sh, s_st,
                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SCALES: tl.constexpr,
-                       FMT: tl.constexpr, QMAX: tl.constexpr):
+                       FMT: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr):
     """Grid (B, HQ + HKV, n): program (b, h, i) takes the projections' token i of sequence b ([HQ + 2 HKV] heads of
     D, q then k then v); h < HQ rotates query head h into q_out, h >= HQ rotates key head h - HQ and stores it with
     value head h - HQ into the cache at position pos[b] + i, quantized as _write_kv_kernel does."""
+    wait_for_producer(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     i = tl.program_id(2).to(tl.int64)
@@ -234,11 +237,12 @@ def write_kv(k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor, v_
         raise ValueError(f"k_new/v_new must be [B, Hkv, (n,) D] float16/bfloat16 of one layout, got {k_new.dtype}")
     _check_caches(k_cache, v_cache, fmt, k_new.dtype, B, hkv, D, pos)
     require_triton(triton, k_new, _write_kv_kernel)
+    on = pdl(k_new)
     _write_kv_kernel[(B, hkv, n)](
         k_new, v_new, k_cache, v_cache, k_scale, v_scale, pos,
         *k_new.stride(), *k_cache.stride(), *scale_strides(mode, k_scale),
-        D=D, SCALES=mode, FMT=FMT_CODES[fmt], QMAX=FORMATS[fmt].qmax if mode else 0.0,
-        num_warps=1 if D <= 128 else 2)
+        D=D, SCALES=mode, FMT=FMT_CODES[fmt], QMAX=FORMATS[fmt].qmax if mode else 0.0, PDL=on,
+        num_warps=1 if D <= 128 else 2, launch_pdl=on)
 
 
 def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, k_cache: torch.Tensor,
@@ -264,9 +268,10 @@ def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: i
     _check_caches(k_cache, v_cache, fmt, qkv.dtype, B, hkv, D, pos)
     require_triton(triton, qkv, _rope_write_kernel)
     q = torch.empty(B, heads, n, D, dtype=qkv.dtype, device=qkv.device)
+    on = pdl(qkv)
     _rope_write_kernel[(B, heads + hkv, n)](
         qkv, cos, sin, q, k_cache, v_cache, k_scale, v_scale, pos,
         qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(2), *q.stride()[:3], *k_cache.stride(),
         *scale_strides(mode, k_scale), HQ=heads, HKV=hkv, D=D, SCALES=mode, FMT=FMT_CODES[fmt],
-        QMAX=FORMATS[fmt].qmax if mode else 0.0, num_warps=1 if D <= 128 else 2)
+        QMAX=FORMATS[fmt].qmax if mode else 0.0, PDL=on, num_warps=1 if D <= 128 else 2, launch_pdl=on)
     return q

@@ -1,9 +1,10 @@
-"""Inline-PTX unpacking of kvexp's int4 codes (two per byte, low nibble first, code + 8), shared by the decode
-attention kernel and the W4A16 GEMV: lop3 places a nibble under a float's exponent and one fused subtract per two
-values gives code - 8, exactly, where Triton's casts issue one I2F per value. Each returns (even, odd) elements of
-the packed tile, so the caller dots them against the matching halves of its other operand. Marked impure
-(is_pure=False), which keeps Triton from hoisting the conversion into a dot operand's layout (decode_attention's
-DEQUANT_MODES). CUDA only: Triton's interpreter runs no PTX, so callers keep a cast path beside these.
+"""Inline PTX shared by the kernels: the grid-dependency wait of programmatic dependent launch, and the unpacking
+of kvexp's int4 codes (two per byte, low nibble first, code + 8) for the decode attention kernel and the W4A16
+GEMV: lop3 places a nibble under a float's exponent and one fused subtract per two values gives code - 8, exactly,
+where Triton's casts issue one I2F per value. Each returns (even, odd) elements of the packed tile, so the caller
+dots them against the matching halves of its other operand. Marked impure (is_pure=False), which keeps Triton from
+hoisting the conversion into a dot operand's layout (decode_attention's DEQUANT_MODES). CUDA only: Triton's
+interpreter runs no PTX, so callers keep a cast path beside these.
 """
 from __future__ import annotations
 
@@ -12,6 +13,21 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only install: keep this module importable
     from kvexp.core.kernels import _MissingTriton as triton, _MissingTriton as tl
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # no triton, or one before 3.3: kernels.pdl is then False, so wait_for_producer never calls these
+    gdc_launch_dependents = gdc_wait = None
+
+
+@triton.jit
+def wait_for_producer(PDL: tl.constexpr):
+    """Under programmatic dependent launch (kernels.pdl), wait until the kernel before has finished and its writes
+    are visible, then let the next kernel launch. Every program of a PDL launch calls this before its first load or
+    store: a program that starts early then overlaps only its predecessor's tail, never reads what that kernel
+    writes, and since each kernel waits on the one before, the chain orders the whole step as a plain launch does."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
 
 
 @triton.jit

@@ -36,8 +36,8 @@ from typing import Optional
 
 import torch
 
-from kvexp.core.kernels import require_triton
-from kvexp.core.kernels.ptx import int4_halves_bf16, int4_halves_f16
+from kvexp.core.kernels import pdl, require_triton
+from kvexp.core.kernels.ptx import int4_halves_bf16, int4_halves_f16, wait_for_producer
 
 try:
     import triton
@@ -259,10 +259,12 @@ def _wq_matmul_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, pre_ptr, bias_ptr, part_ptr, 
                       SPLIT_K, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, HAS_PRE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                       ROW_SCALE: tl.constexpr, X_QUANT: tl.constexpr, AMAX_M: tl.constexpr, AMAX_K: tl.constexpr,
-                      ASM: tl.constexpr):
+                      ASM: tl.constexpr, PDL: tl.constexpr):
     """GATED: the weight is [gate; up] (2N rows) and the output silu(gate) * up [M, N], the MLP's epilogue.
     ROW_SCALE: one weight scale per row (s_ptr [rows]). X_QUANT: x is rounded to e4m3 per row in the kernel,
-    1 with its amax scale (dynamic), 2 with the calibrated one at xs_ptr (static)."""
+    1 with its amax scale (dynamic), 2 with the calibrated one at xs_ptr (static). PDL: launched with programmatic
+    dependent launch (kernels.pdl)."""
+    wait_for_producer(PDL)
     pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -375,6 +377,7 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     part = torch.empty(split if split > 1 else 1, M, rows, dtype=torch.float32, device=x.device)
     locks = _locks(x.device, n_tiles * m_tiles)
+    launch_pdl = pdl(x)
     _wq_matmul_kernel[(n_tiles, split, m_tiles)](
         x, qweight, qweight if scales is None else scales, x if x_scale is None else x_scale.float(),
         x if pre_scale is None else pre_scale, x if bias is None else bias, part, locks, out,
@@ -382,8 +385,8 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
         out.stride(0), split, GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n,
         HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated, ROW_SCALE=row_scale,
         X_QUANT={None: 0, "dynamic": 1, "static": 2}[x_quant], AMAX_M=amax_m, AMAX_K=_amax_tile(amax_m, K),
-        ASM=bits == 4 and config.int4_asm and x.is_cuda,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        ASM=bits == 4 and config.int4_asm and x.is_cuda, PDL=launch_pdl,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=launch_pdl)
     return out
 
 

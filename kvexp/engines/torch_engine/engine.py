@@ -14,6 +14,7 @@ from kvexp.checkpoint import check_context, read_model_config, resolve_model
 from kvexp.core import fused, memory
 from kvexp.core.decode import DecodeLoop
 from kvexp.core.engine import BuildInfo, Capabilities, Engine, Generations, MemoryReport, Request
+from kvexp.core.kernels import pdl
 from kvexp.core.kv import FORMATS, KVCache, QuantizedKVCache
 from kvexp.core.model import ArchConfig, CausalLM, load_state
 from kvexp.errors import ConfigError, UnsupportedConfig
@@ -141,6 +142,8 @@ class TorchEngine(Engine):
             kernels = self.model.prepare_kernels(int4=self.spec.build.options["int4_kernel"])
             metrics |= {f"kernels.{k}": n for k, n in kernels.items()}
             metrics["quant.int4_fast_layers"] = kernels.get("int4.triton", 0) + kernels.get("int4.tinygemm", 0)
+            # 1: kvexp's Triton kernels launch chained (programmatic dependent launch, sm90+; KVEXP_PDL=0 turns it off)
+            metrics["kernels.pdl"] = int(pdl(self.model.model.embed_tokens.weight))
         self.kv_scales = None
         kv = self.spec.cfg.quant.kv_cache
         if kv.dtype != "auto" and kv.scale == "static":
