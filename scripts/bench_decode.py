@@ -8,6 +8,8 @@
   (c) peak memory, KV bytes per token, the fraction of the HBM roofline (bytes per step / copy bandwidth),
       and the ceiling ratio over fp16 that each output-head choice allows
   (p) a kernel-by-kernel profile (torch.profiler) of one decode step of the kept design
+  (pdl) with --pdl: each of PDL_QUANTS with programmatic dependent launch off, then on (kvexp.core.kernels.pdl),
+      batch 1 and 8 at 512 context, and the ratio on / off
   (fp8) with --fp8: bf16 vs fp8 (e4m3 weights and per-token activations, fp8 KV) vs fp8 weight-only, and fp8
       with torch._scaled_mm for every row count instead of the Triton GEMV, batch 1 and 8, 512 and 32k context
 
@@ -15,7 +17,7 @@ Models: Llama-3.2-1B's and Qwen2.5-1.5B's shapes with random weights (speed does
 AWQ's speed is measured with round-to-nearest int4 weights: the same packed format and the same kernels,
 with no calibration to run.
 
-    python scripts/bench_decode.py [--quick] [--tune] [--json results.json] [--budget-s S]
+    python scripts/bench_decode.py [--quick] [--tune] [--kv] [--fp8] [--pdl] [--json results.json] [--budget-s S]
 
 Prints a table per part, then one JSON line with every number.
 """
@@ -74,6 +76,7 @@ FP8_VARIANTS = {"fp16": ("fp16", [], "auto", True), "fp8": ("fp8", FP8_CALIB, "a
                 "fp8_static": ("fp8_static", FP8_CALIB, "auto", False),
                 "fp8 scaled_mm": ("fp8", FP8_CALIB, "scaled_mm", False)}
 FP8_SHAPES = [(512, 1), (512, 8), (32000, 1), (32000, 8)]  # 32000: Qwen2.5's 32k positions hold the generation
+PDL_QUANTS = {"fp16": ("fp16", []), "awq": ("awq", ["quant.weights.algo=rtn"]), "fp8": ("fp8", FP8_CALIB)}  # --pdl
 
 
 def make_checkpoint(out: Path, shape: dict) -> Path:
@@ -169,6 +172,31 @@ def part_fp8(ckpt: Path, gen: int, iters: int, bw: float) -> list[dict]:
     for r in rows:
         if (b := base.get((r["ctx"], r["batch"]))) is not None:
             r["vs_fp16"], r["ttft_vs_fp16"] = r["tok_s"] / b["tok_s"], r["ttft_ms"] / b["ttft_ms"]
+    return rows
+
+
+def part_pdl(ckpt: Path, gen: int, iters: int, bw: float) -> list[dict]:
+    """PDL_QUANTS at 512 context, batch 1 and 8, each built and measured with programmatic dependent launch off and
+    then on; the rows with it on carry vs_pdl_off, from this run."""
+    from kvexp.core.kernels import pdl_enabled, set_pdl
+
+    rows, default = [], pdl_enabled()
+    try:
+        for quant, (preset, extra) in PDL_QUANTS.items():
+            for on in (False, True):
+                set_pdl(on)
+                try:
+                    rows += [dict(r, pdl=on) for r in run_engine(ckpt, quant, preset, extra, "auto", "auto",
+                                                                  [(512, 1), (512, 8)], gen, iters, bw, False)[0]]
+                except Exception as e:  # one broken variant is a missing row, not a lost run
+                    print(f"[pdl] {quant}, pdl {on}: {type(e).__name__}: {e}"[:400], flush=True)
+                    torch.cuda.empty_cache()
+    finally:
+        set_pdl(default)
+    off = {(r["variant"], r["batch"]): r for r in rows if not r["pdl"]}
+    for r in rows:
+        if r["pdl"] and (r["variant"], r["batch"]) in off:
+            r["vs_pdl_off"] = r["tok_s"] / off[r["variant"], r["batch"]]["tok_s"]
     return rows
 
 
@@ -305,13 +333,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes and iterations")
     ap.add_argument("--json", type=Path, help="also write the results here (rewritten after every part)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "k", "kernels", "b", "kv", "fp8", "hf", "p"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["a", "k", "kernels", "b", "kv", "fp8", "pdl", "hf", "p"])
     ap.add_argument("--models", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--tune", action="store_true", help="first sweep the attention and linear kernels' configs")
     ap.add_argument("--budget-s", type=float, help="skip the parts that would start after this many seconds")
     ap.add_argument("--sweep", action="store_true", help="part (a) adds the context sweep per KV format")
     ap.add_argument("--kv", action="store_true", help="the KV formats end to end against fp16 (KV_SHAPES)")
     ap.add_argument("--fp8", action="store_true", help="bf16 vs fp8 vs fp8 weight-only end to end (FP8_SHAPES)")
+    ap.add_argument("--pdl", action="store_true", help="programmatic dependent launch off vs on end to end")
     ap.add_argument("--variants", nargs="*", choices=list(KERNEL_VARIANTS),
                     help="the kernel variants of (b) (default: all; --quick: VARIANTS_QUICK)")
     args = ap.parse_args()
@@ -366,6 +395,9 @@ def main() -> None:
             results.setdefault("fp8", {})[model] = rows = part_fp8(ckpt, gen, iters, bw)
             if rows:
                 print(f"\n(fp8) {model}: bf16 vs fp8\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
+        if args.pdl and go(f"pdl:{model}"):
+            results.setdefault("pdl", {})[model] = rows = part_pdl(ckpt, gen, 3, bw)
+            print(f"\n(pdl) {model}: PDL off vs on, 512 context\n" + table(rows, [c for c in rows[0] if c != "kernels"]))
         if not args.quick and model == "llama-3.2-1b" and go(f"b:{model}"):
             results["e2e"] = part_b(ckpt, [(32768, 1), (32768, 8)], gen, iters, bw)
             print("\n(b, c) end-to-end decode, 32k\n" + table(results["e2e"], [c for c in results["e2e"][0] if c != "kernels"]))
