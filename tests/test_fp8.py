@@ -17,6 +17,7 @@ from kvexp.errors import ConfigError, UnsupportedConfig
 
 SM89 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 gpu = pytest.mark.skipif(not SM89, reason="needs an sm89+ GPU (the Triton interpreter mis-rounds e4m3 casts)")
+CPU = ("engine.device=cpu",)  # the numerics-only runs, also on a GPU host (auto would pick the GPU there)
 
 # every finite e4m3fn value, for an independent nearest-value check
 GRID = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
@@ -97,10 +98,10 @@ def _continuation(engine):
 
 
 def test_fp8_presets_run_on_cpu_as_numerics_only_runs():
-    ref = build_engine("quant=fp16")
+    ref = build_engine("quant=fp16", *CPU)
     base = _continuation(ref)
     for quant, layers in (("fp8_weights", "auto"), ("fp8", "fp8")):
-        engine = build_engine(f"quant={quant}", "quant.calib.dataset=builtin")
+        engine = build_engine(f"quant={quant}", "quant.calib.dataset=builtin", *CPU)
         spec = engine.spec
         assert spec.build.numerics_only and spec.build.weights.activations == layers
         fused = engine.model.model.layers[0].self_attn.qkv
@@ -119,8 +120,8 @@ def test_fp8_presets_run_on_cpu_as_numerics_only_runs():
 def test_run_tags_mark_numerics_only():
     from kvexp.job import run_tags
 
-    assert run_tags(make_spec("quant=fp8_weights"))["kvexp.numerics_only"] == "true"
-    assert "kvexp.numerics_only" not in run_tags(make_spec("quant=fp16"))
+    assert run_tags(make_spec("quant=fp8_weights", *CPU))["kvexp.numerics_only"] == "true"
+    assert "kvexp.numerics_only" not in run_tags(make_spec("quant=fp16", *CPU))
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -155,7 +156,7 @@ def test_torch_engine_checks_the_device_for_fp8_weights(monkeypatch):
 
     seen = []
     monkeypatch.setattr(fp8, "check_device", lambda device, what: seen.append((device.type, what)))
-    specs = [make_spec("quant=fp8_weights"), make_spec("quant=int8kv")]  # validate() checks them once
+    specs = [make_spec("quant=fp8_weights", *CPU), make_spec("quant=int8kv", *CPU)]  # validate() checks them once
     assert seen == [("cpu", "quant=fp8_weights")]
     for spec in specs:
         TorchEngine.check_supported(spec)
@@ -194,7 +195,7 @@ def _fake_modelopt(monkeypatch, calls):
 def test_fp8_static_calibrates_input_scales_through_modelopt(monkeypatch, tmp_path):
     calls = []
     _fake_modelopt(monkeypatch, calls)
-    overrides = ("quant=fp8_static", "quant.calib.dataset=builtin", f"cache_dir={tmp_path}")
+    overrides = ("quant=fp8_static", "quant.calib.dataset=builtin", f"cache_dir={tmp_path}", *CPU)
     engine = build_engine(*overrides)
     assert len(calls) == 1 and calls[0]["algorithm"] == "max"
     layer = engine.model.model.layers[0]
