@@ -16,10 +16,11 @@ import torch
 
 # Bump when a change to kvexp makes the same BuildSpec produce different numbers (a kernel's rounding, a scale
 # rule, the fidelity prompts): every earlier result then counts as another experiment and runs again.
-# 7: e4m3 rounding of activations (and fp8 weights) as x * (448 / amax), inside the W8A8 GEMV; 6: AWQ's input
+# 8: programmatic dependent launch of the Triton kernels on sm90+ (the same values, a faster decode step); 7: e4m3
+# rounding of activations (and fp8 weights) as x * (448 / amax), inside the W8A8 GEMV; 6: AWQ's input
 # scales folded into the norms and up's rows; 5: unmasked full blocks in decode attention (int8, int4); 4: decode
 # attention's slice count and one-tile merge; 3: AWQ's shared input scales
-NUMERICS_VERSION = 7
+NUMERICS_VERSION = 8
 
 
 @dataclass(frozen=True)
