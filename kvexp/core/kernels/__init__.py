@@ -2,7 +2,8 @@
 quantize-and-store of new tokens (decode and prefill). Every kernel has a pure-PyTorch reference beside it with the same
 signature, which is also the CPU path.
 
-On sm90+ GPUs the kernels launch chained by programmatic dependent launch (pdl below; KVEXP_PDL=0 turns it off).
+On sm90+ GPUs the decode step's kernels (attention, cache writes, the GEMVs, argmax) launch chained by programmatic
+dependent launch (pdl below; KVEXP_PDL=0 turns it off); quantize_rows and dequantize, prefill-sized, launch plainly.
 
 Triton is optional: without it the references still import (the kernel modules decorate their kernels
 with the stand-ins below) and a kernel call fails with one line saying how to get it.
