@@ -178,21 +178,18 @@ def part_fp8(ckpt: Path, gen: int, iters: int, bw: float) -> list[dict]:
 def part_pdl(ckpt: Path, gen: int, iters: int, bw: float) -> list[dict]:
     """PDL_QUANTS at 512 context, batch 1 and 8, each built and measured with programmatic dependent launch off and
     then on; the rows with it on carry vs_pdl_off, from this run."""
-    from kvexp.core.kernels import pdl_enabled, set_pdl
+    from kvexp.core.kernels import pdl_switch
 
-    rows, default = [], pdl_enabled()
-    try:
-        for quant, (preset, extra) in PDL_QUANTS.items():
-            for on in (False, True):
-                set_pdl(on)
-                try:
+    rows = []
+    for quant, (preset, extra) in PDL_QUANTS.items():
+        for on in (False, True):
+            try:
+                with pdl_switch(on):
                     rows += [dict(r, pdl=on) for r in run_engine(ckpt, quant, preset, extra, "auto", "auto",
                                                                   [(512, 1), (512, 8)], gen, iters, bw, False)[0]]
-                except Exception as e:  # one broken variant is a missing row, not a lost run
-                    print(f"[pdl] {quant}, pdl {on}: {type(e).__name__}: {e}"[:400], flush=True)
-                    torch.cuda.empty_cache()
-    finally:
-        set_pdl(default)
+            except Exception as e:  # one broken variant is a missing row, not a lost run
+                print(f"[pdl] {quant}, pdl {on}: {type(e).__name__}: {e}"[:400], flush=True)
+                torch.cuda.empty_cache()
     off = {(r["variant"], r["batch"]): r for r in rows if not r["pdl"]}
     for r in rows:
         if r["pdl"] and (r["variant"], r["batch"]) in off:

@@ -62,21 +62,17 @@ def test_graph_decode_equals_eager_decode(quant, batch):
 def test_pdl_decode_equals_plain_launch(quant):
     """Every kernel of a PDL launch waits for the one before ahead of its first load (kernels.pdl): the graph with
     it generates, token for token, what the graph without it does."""
-    from kvexp.core.kernels import pdl, pdl_enabled, set_pdl
+    from kvexp.core.kernels import pdl, pdl_switch
 
     prompts = [list(range(3, 40)), list(range(10, 20))]
     extra = {"awq": ["quant.weights.algo=rtn"], "fp8": ["quant.calib.dataset=builtin"]}.get(quant, [])
-    default = pdl_enabled()
-    try:
-        set_pdl(False)
+    with pdl_switch(False):
         plain = build_engine(f"quant={quant}", *extra, *GPU)
         a = plain.generate(prompts, 24)
-        set_pdl(True)
+    with pdl_switch(True):
         assert pdl(torch.empty(1, device="cuda"))
         chained = build_engine(f"quant={quant}", *extra, *GPU)
         b = chained.generate(prompts, 24)
-    finally:
-        set_pdl(default)
     assert plain._loop.graph is not None and chained._loop.graph is not None
     assert a.tokens == b.tokens
 

@@ -531,7 +531,7 @@ def test_argmax_rows_is_torch_argmax_with_ties_to_the_first(V, dtype):
 
 def test_pdl_only_where_the_gpu_has_it_and_the_switch_is_on(monkeypatch):
     """kernels.pdl gates programmatic dependent launch: never on a CPU tensor (the interpreter runs no PTX), on CUDA
-    from sm90 when triton has griddepcontrol, and never once set_pdl(False) is called."""
+    from sm90 when triton has griddepcontrol, and never inside pdl_switch(False), which puts the switch back after."""
     from kvexp.core import kernels
 
     monkeypatch.setattr(kernels, "_pdl", True)
@@ -539,10 +539,10 @@ def test_pdl_only_where_the_gpu_has_it_and_the_switch_is_on(monkeypatch):
     assert not kernels.pdl(torch.zeros(1))
     cuda = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     for capability, expected in (((8, 0), False), ((8, 9), False), ((9, 0), True), ((10, 0), True)):
-        monkeypatch.setattr(kernels, "_capability", lambda device, c=capability: c)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert kernels.pdl(cuda) is expected, capability
-    kernels.set_pdl(False)
-    assert not kernels.pdl(cuda) and not kernels.pdl_enabled()
+    with kernels.pdl_switch(False):
+        assert not kernels.pdl(cuda) and not kernels._pdl
+    assert kernels._pdl and kernels.pdl(cuda)
     monkeypatch.setattr(kernels, "_triton_has_pdl", lambda: False)
-    kernels.set_pdl(True)
     assert not kernels.pdl(cuda)  # a triton before 3.3

@@ -10,6 +10,7 @@ with the stand-ins below) and a kernel call fails with one line saying how to ge
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
@@ -25,22 +26,18 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 
-def set_pdl(enabled: bool) -> None:
-    """Turn programmatic dependent launch on or off for kernels launched from now on (it is on by default where the
-    GPU has it; KVEXP_PDL=0 turns it off at start). For side-by-side measurements (scripts/bench_decode.py --pdl):
-    graphs captured before keep theirs. torch.compile's kernels (kvexp.core.fused) never launch with PDL."""
+@contextlib.contextmanager
+def pdl_switch(enabled: bool):
+    """Programmatic dependent launch on or off for the kernels launched inside, then back to what it was (on by
+    default where the GPU has it; KVEXP_PDL=0 turns it off at start). For side-by-side measurements
+    (scripts/bench_decode.py --pdl): a graph keeps the launches it was captured with. torch.compile's kernels
+    (kvexp.core.fused) never launch with PDL."""
     global _pdl
-    _pdl = enabled
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
-def pdl_enabled() -> bool:
-    """The switch of set_pdl / KVEXP_PDL, whatever the GPU."""
-    return _pdl
+    before, _pdl = _pdl, enabled
+    try:
+        yield
+    finally:
+        _pdl = before
 
 
 def pdl(tensor: torch.Tensor) -> bool:
@@ -53,7 +50,8 @@ def pdl(tensor: torch.Tensor) -> bool:
     work and tail, and no load moves ahead of the data it reads, so the result is the same. (Prefetching weights
     into the L2 before the wait, the other half of the idea, measured slower on the H200: docs/benchmarks.md.)
     CUDA on sm90+ with a triton that has griddepcontrol (3.3+); the interpreter runs no PTX."""
-    return _pdl and tensor.is_cuda and _capability(tensor.device) >= PDL_CAPABILITY and _triton_has_pdl()
+    return (_pdl and tensor.is_cuda and torch.cuda.get_device_capability(tensor.device) >= PDL_CAPABILITY
+            and _triton_has_pdl())
 
 
 @functools.lru_cache(maxsize=None)

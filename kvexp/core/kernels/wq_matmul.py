@@ -377,7 +377,7 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
     out = torch.empty(M, N, dtype=x.dtype, device=x.device) if out is None else out
     part = torch.empty(split if split > 1 else 1, M, rows, dtype=torch.float32, device=x.device)
     locks = _locks(x.device, n_tiles * m_tiles)
-    launch_pdl = pdl(x)
+    on = pdl(x)
     _wq_matmul_kernel[(n_tiles, split, m_tiles)](
         x, qweight, qweight if scales is None else scales, x if x_scale is None else x_scale.float(),
         x if pre_scale is None else pre_scale, x if bias is None else bias, part, locks, out,
@@ -385,8 +385,8 @@ def wq_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: Optional[torch.Ten
         out.stride(0), split, GROUP=group, BITS=bits, BLOCK_M=block_m, BLOCK_N=config.block_n,
         HAS_PRE=pre_scale is not None, HAS_BIAS=bias is not None, GATED=gated, ROW_SCALE=row_scale,
         X_QUANT={None: 0, "dynamic": 1, "static": 2}[x_quant], AMAX_M=amax_m, AMAX_K=_amax_tile(amax_m, K),
-        ASM=bits == 4 and config.int4_asm and x.is_cuda, PDL=launch_pdl,
-        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=launch_pdl)
+        ASM=bits == 4 and config.int4_asm and x.is_cuda, PDL=on,
+        num_warps=config.num_warps, num_stages=config.num_stages, launch_pdl=on)
     return out
 
 
